@@ -1,0 +1,32 @@
+# llmpack developer entry points. `make demo` and `make test` are the two set-up commands.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llmpack-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test export-7b-shape clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# The CPU wheel of torch (on local disk here); never a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[export,serve,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/llm-export build --model demo --out artifacts/demo
+	$(BIN)/llm-export verify artifacts/demo
+	$(BIN)/llm-serve infer artifacts/demo '{"prompt": "Tell me a story about a llama.", "max_tokens": 32, "temperature": 0}'
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The real size: random weights in the exact Llama-2-7b-chat shape, exported in fp16 (needs ~14 GB disk).
+export-7b-shape: install
+	$(BIN)/python -m llmpack.export.seven_b_shape --out artifacts/llama2-7b-shape
+
+clean:
+	rm -rf artifacts build dist *.egg-info

@@ -1,0 +1,36 @@
+"""CLI edge helpers shared by `llm-export` and `llm-serve`: logging setup and error translation."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from llmpack.runtime.errors import LlmpackError
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def translate_errors(command):
+    """Run a command; a domain error becomes one 'error: …' line on stderr and its exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except LlmpackError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper

@@ -1,0 +1,65 @@
+"""CLI edge of the export stage: `llm-export build | verify | inspect` (torch is imported only here)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from llmpack.cli.common import setup_logging, translate_errors
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Turn a Hugging Face Llama checkpoint into a verified ONNX artifact."""
+    setup_logging(verbose)
+
+
+@main.command()
+@click.option("--model", required=True, help="Hugging Face Llama checkpoint folder, or `demo` for the built-in tiny model.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write, e.g. artifacts/NAME.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--max-context", type=click.IntRange(min=2), default=3072, show_default=True,
+              help="Context length; capped at the model's max_position_embeddings.")
+@click.option("--system-prompt", default=None, help="Default system prompt stored in the artifact (raw=false prompts).")
+@click.option("--force", is_flag=True, help="Rebuild even when an identical artifact exists.")
+@translate_errors
+def build(model: str, out: Path, dtype: str, max_context: int, system_prompt: str | None, force: bool) -> None:
+    """Build an artifact (ONNX decoder with KV cache + tokenizer + manifest.json)."""
+    from llmpack.export.build import BuildOptions, build as run_build
+
+    options = BuildOptions(model=model, out=out, dtype=dtype, max_context=max_context, force=force,
+                           progress=sys.stderr.isatty(), system_prompt=system_prompt)
+    result = run_build(options)
+    state = "up to date (reused; --force rebuilds)" if result.reused else "built"
+    click.echo(f"{result.path}: {state}, {result.manifest.dtype}, context {result.manifest.max_context}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--steps", type=click.IntRange(min=1), default=32, show_default=True, help="Greedy decode steps.")
+@translate_errors
+def verify(artifact: Path, steps: int) -> None:
+    """Check the artifact against its source model in PyTorch; exit non-zero on a parity failure."""
+    from llmpack.export.verify import verify as run_verify
+    from llmpack.runtime.errors import ParityError
+
+    report = run_verify(artifact, steps=steps)
+    click.echo(report.table())
+    if not report.ok:
+        raise ParityError(f"{artifact} does not match its source model; rebuild it, and report a bug if it persists")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.json.")
+@translate_errors
+def inspect(artifact: Path, as_json: bool) -> None:
+    """Print an artifact's manifest in a human-readable form."""
+    from llmpack.cli.inspect_view import describe
+    from llmpack.runtime.manifest import read_manifest
+
+    manifest = read_manifest(artifact)
+    click.echo(manifest.to_json() if as_json else describe(manifest), nl=not as_json)

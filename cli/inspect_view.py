@@ -1,0 +1,43 @@
+"""CLI edge: the human-readable view of a manifest for `llm-export inspect`."""
+
+from __future__ import annotations
+
+from llmpack.runtime.manifest import BuildManifest, TensorSpec
+
+
+def _shape(spec: TensorSpec) -> str:
+    return f"{spec.name:<28} {spec.dtype:<8} [{', '.join(map(str, spec.shape))}]"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def describe(m: BuildManifest) -> str:
+    c = m.config
+    lines = [
+        f"artifact      {m.name}  (manifest v{m.manifest_version}, llmpack {m.llmpack_version}, built {m.built_at})",
+        f"model         Llama: {c.num_layers} layers, hidden {c.hidden_size}, MLP {c.intermediate_size}, "
+        f"{c.num_heads} heads / {c.num_kv_heads} kv heads × {c.head_dim}, vocab {c.vocab_size}",
+        f"              rms_norm_eps {c.rms_norm_eps}, rope_theta {c.rope_theta}, tied embeddings {c.tie_word_embeddings}",
+        f"build         {m.dtype}, context {m.max_context} (model max {c.max_position_embeddings}), opset {m.opset}, "
+        f"graph {m.graph_flavour}",
+        f"tokens        BOS {m.bos_token_id}, stop {list(m.stop_token_ids)}",
+        f"system prompt {m.default_system_prompt!r}",
+        f"source        {m.source.path}",
+        *(f"                {f.path:<34} {_size(f.size):>10}  sha256 {f.sha256[:16]}…" for f in m.source.files),
+        "files",
+        *(f"                {f.path:<34} {_size(f.size):>10}  sha256 {f.sha256[:16]}…" for f in m.files),
+        "tools         " + ", ".join(f"{k} {v}" for k, v in sorted(m.tool_versions.items())),
+        f"inputs ({len(m.inputs)})",
+        *(f"                {_shape(t)}" for t in m.inputs[:5]),
+        f"outputs ({len(m.outputs)})",
+        *(f"                {_shape(t)}" for t in m.outputs[:5]),
+    ]
+    if len(m.inputs) > 5:
+        lines.insert(-len(m.outputs[:5]) - 1, f"                … {len(m.inputs) - 5} more past_key_values")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""llmpack export: Hugging Face Llama checkpoint → verified ONNX artifact with KV cache (needs torch)."""

@@ -1,0 +1,196 @@
+"""Export stage 3: `llm-export build` — checkpoint → artifact folder, atomically and idempotently.
+
+The artifact is written into a hidden staging folder beside the target and renamed into place only
+when complete, so an interrupted build never leaves a folder that looks like an artifact. The same
+inputs (weight checksums, options, llmpack version) reuse the existing artifact.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmpack.export.checkpoint import Checkpoint, open_checkpoint
+from llmpack.export.demo import demo_cache_dir, write_demo_checkpoint
+from llmpack.export.graph import OPSET, write_decoder_graph
+from llmpack.runtime import __version__
+from llmpack.runtime import manifest as names
+from llmpack.runtime.errors import ArtifactError, BuildError
+from llmpack.runtime.manifest import BuildManifest, SourceInfo, digest_file, read_manifest
+
+log = logging.getLogger("llmpack.export")
+
+DTYPES = ("fp32", "fp16")
+DEFAULT_MAX_CONTEXT = 3072
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    model: str
+    out: Path
+    dtype: str = "fp32"
+    max_context: int = DEFAULT_MAX_CONTEXT
+    force: bool = False
+    progress: bool = False
+    system_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    path: Path
+    manifest: BuildManifest
+    reused: bool
+
+
+def resolve_source(model: str) -> Path:
+    return write_demo_checkpoint(demo_cache_dir()) if model == "demo" else Path(model).expanduser().resolve()
+
+
+def tool_versions() -> dict[str, str]:
+    import onnx
+    import torch
+
+    return {"onnx": onnx.__version__, "torch": torch.__version__, "python": ".".join(map(str, sys.version_info[:3]))}
+
+
+def build_key(checkpoint: Checkpoint, options: BuildOptions, max_context: int) -> str:
+    """Everything that determines the artifact's bytes, hashed: a match means nothing to rebuild."""
+    material = {
+        "llmpack": __version__,
+        "weights": [(d.path, d.sha256) for d in checkpoint.digests()],
+        "dtype": options.dtype,
+        "max_context": max_context,
+        "opset": OPSET,
+        "system_prompt": options.system_prompt,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def _existing_manifest(out: Path) -> BuildManifest | None:
+    """The manifest of what is at `out` now; refuses to touch a folder that is not an artifact."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise BuildError(f"output path {out} exists and is not a folder; choose another --out")
+    if not (out / names.MANIFEST_FILE).is_file():
+        if any(out.iterdir()):
+            raise BuildError(
+                f"output path {out} exists and is not an llmpack artifact (no {names.MANIFEST_FILE}); "
+                "choose another --out or remove the folder"
+            )
+        return None
+    try:
+        return read_manifest(out)
+    except ArtifactError:
+        return None  # an artifact from another llmpack version: ours to replace
+
+
+@contextmanager
+def build_lock(out: Path):
+    """One build per output path at a time; a second one fails fast instead of corrupting the first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out.parent / f".{out.name}.lock"
+    with open(lock_path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise BuildError(f"another llm-export build is writing {out}; wait for it to finish") from exc
+        yield
+
+
+def _check_disk(checkpoint: Checkpoint, folder: Path, dtype: str) -> None:
+    c = checkpoint.config
+    per_layer = 4 * c.hidden_size * c.num_heads * c.head_dim + 3 * c.hidden_size * c.intermediate_size
+    params = c.num_layers * per_layer + 2 * c.vocab_size * c.hidden_size
+    needed = params * (2 if dtype == "fp16" else 4) * 1.05
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise BuildError(
+            f"not enough disk space in {folder}: the artifact needs about {needed / 2**30:.1f} GiB, "
+            f"{free / 2**30:.1f} GiB are free; free space or choose another --out"
+        )
+
+
+def _write_artifact(checkpoint: Checkpoint, staging: Path, options: BuildOptions, max_context: int, key: str) -> BuildManifest:
+    inputs, outputs = write_decoder_graph(checkpoint, staging, options.dtype, options.progress)
+    shutil.copyfile(checkpoint.path / checkpoint.tokenizer_file, staging / names.TOKENIZER_FILE)
+    files = tuple(digest_file(staging, f) for f in (names.MODEL_FILE, names.WEIGHTS_FILE, names.TOKENIZER_FILE))
+    manifest = BuildManifest(
+        name=options.out.name,
+        config=checkpoint.config,
+        dtype=options.dtype,
+        max_context=max_context,
+        opset=OPSET,
+        bos_token_id=checkpoint.bos_token_id,
+        stop_token_ids=checkpoint.stop_token_ids,
+        inputs=inputs,
+        outputs=outputs,
+        source=SourceInfo(path=str(checkpoint.path), files=checkpoint.digests()),
+        files=files,
+        build_key=key,
+        llmpack_version=__version__,
+        tool_versions=tool_versions(),
+        built_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        default_system_prompt=options.system_prompt,
+    )
+    (staging / names.MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+    return manifest
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Replace out with staging; at every instant `out` is either the old or the new artifact, or absent."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(old / "artifact")
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_staging(out: Path) -> None:
+    for stale in out.parent.glob(f".{out.name}.*-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def build(options: BuildOptions) -> BuildResult:
+    if options.dtype not in DTYPES:
+        raise BuildError(f"--dtype {options.dtype} is not supported; choose one of {', '.join(DTYPES)}")
+    if options.max_context < 2:
+        raise BuildError(f"--max-context must be at least 2, got {options.max_context}")
+    out = Path(options.out).expanduser().resolve()
+    checkpoint = open_checkpoint(resolve_source(options.model))
+    max_context = min(options.max_context, checkpoint.config.max_position_embeddings)
+    with build_lock(out):
+        existing = _existing_manifest(out)
+        key = build_key(checkpoint, options, max_context)
+        if existing is not None and existing.build_key == key and not options.force:
+            log.info("artifact %s is up to date (same weights and options); reusing it, --force rebuilds", out)
+            return BuildResult(out, existing, reused=True)
+        _remove_stale_staging(out)
+        _check_disk(checkpoint, out.parent, options.dtype)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+        staging.chmod(0o755)  # mkdtemp's 0700 would make the deployed artifact private to the builder
+        try:
+            manifest = _write_artifact(checkpoint, staging, options, max_context, key)
+            _swap_into_place(staging, out)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise BuildError(f"disk full while writing the artifact in {out.parent}; free space and rerun") from exc
+            raise BuildError(f"could not write the artifact to {out}: {exc}") from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("built %s (%s, context %d) from %s", out, options.dtype, max_context, checkpoint.path)
+    return BuildResult(out, manifest, reused=False)

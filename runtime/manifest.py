@@ -1,0 +1,203 @@
+"""The artifact contract: the build manifest schema plus every file, tensor and axis name.
+
+Export writes a `BuildManifest` as `manifest.json`; the runtime reads it back and nothing else.
+This module lives on the runtime side so serving needs no torch; export imports it from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmpack.runtime.errors import ArtifactError
+
+MANIFEST_VERSION = 1
+
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+WEIGHTS_FILE = "model.onnx.data"
+TOKENIZER_FILE = "tokenizer.model"
+
+# Graph interface: one decoder graph serves prefill (seq > 1, empty past) and decode (seq = 1).
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"  # logits of the LAST position only: [batch, vocab]
+
+AXIS_BATCH = "batch"
+AXIS_SEQ = "seq"
+AXIS_PAST = "past"
+AXIS_TOTAL = "past_plus_seq"
+
+
+def past_key_name(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value_name(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key_name(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value_name(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Llama architecture numbers the graph was built from."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "int64", "float32", "float16"
+    shape: tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    path: str  # relative to the folder it describes
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    path: str
+    files: tuple[FileDigest, ...]
+
+
+@dataclass(frozen=True)
+class BuildManifest:
+    """One build, fully described. Written as manifest.json beside the artifact."""
+
+    name: str
+    config: ModelConfig
+    dtype: str  # "fp32" | "fp16"
+    max_context: int
+    opset: int
+    bos_token_id: int
+    stop_token_ids: tuple[int, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    source: SourceInfo
+    files: tuple[FileDigest, ...]
+    build_key: str  # hash of everything that determines the bytes of the artifact
+    llmpack_version: str
+    tool_versions: dict[str, str]
+    built_at: str
+    graph_flavour: str = "standard"  # plain ONNX ops, parseable by TensorRT
+    default_system_prompt: str | None = None
+    manifest_version: int = MANIFEST_VERSION
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kv_dtype(self) -> str:
+        return "float16" if self.dtype == "fp16" else "float32"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BuildManifest:
+        version = data.get("manifest_version")
+        if version != MANIFEST_VERSION:
+            raise ArtifactError(
+                f"manifest version {version!r} is not supported (this llmpack reads version "
+                f"{MANIFEST_VERSION}); rebuild the artifact with this llmpack's `llm-export build`"
+            )
+        try:
+            return cls(
+                **{
+                    **data,
+                    "config": ModelConfig(**data["config"]),
+                    "stop_token_ids": tuple(data["stop_token_ids"]),
+                    "inputs": tuple(_tensor_spec(t) for t in data["inputs"]),
+                    "outputs": tuple(_tensor_spec(t) for t in data["outputs"]),
+                    "source": SourceInfo(
+                        path=data["source"]["path"],
+                        files=tuple(FileDigest(**f) for f in data["source"]["files"]),
+                    ),
+                    "files": tuple(FileDigest(**f) for f in data["files"]),
+                }
+            )
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(
+                f"manifest.json does not match schema version {MANIFEST_VERSION} ({exc}); "
+                "rebuild the artifact"
+            ) from exc
+
+
+def _tensor_spec(data: dict) -> TensorSpec:
+    return TensorSpec(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digest_file(folder: Path, relative: str) -> FileDigest:
+    path = folder / relative
+    return FileDigest(path=relative, sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def read_manifest(artifact: Path) -> BuildManifest:
+    """Read and parse manifest.json; raises ArtifactError with the fix when anything is off."""
+    path = Path(artifact) / MANIFEST_FILE
+    if not Path(artifact).is_dir():
+        raise ArtifactError(f"artifact folder {artifact} does not exist; build it with `llm-export build`")
+    if not path.is_file():
+        raise ArtifactError(
+            f"{artifact} is not an llmpack artifact (no {MANIFEST_FILE}); build it with `llm-export build`"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); rebuild the artifact") from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} is not a JSON object; rebuild the artifact")
+    return BuildManifest.from_dict(data)
+
+
+def check_artifact_files(artifact: Path, manifest: BuildManifest, verify_checksums: bool = True) -> None:
+    """Refuse an artifact whose files are missing, resized or (optionally) changed since the build."""
+    folder = Path(artifact).resolve()
+    for entry in manifest.files:
+        path = (folder / entry.path).resolve()
+        if folder not in path.parents:
+            raise ArtifactError(f"manifest names {entry.path!r}, which is outside the artifact; rebuild it")
+        if not path.is_file():
+            raise ArtifactError(f"artifact file {entry.path} is missing from {artifact}; rebuild the artifact")
+        if path.stat().st_size != entry.size:
+            raise ArtifactError(
+                f"artifact file {entry.path} is {path.stat().st_size} bytes, the manifest says "
+                f"{entry.size}; the artifact is damaged, rebuild it"
+            )
+        if verify_checksums and sha256_file(path) != entry.sha256:
+            raise ArtifactError(
+                f"artifact file {entry.path} does not match its SHA-256 in the manifest; "
+                "the artifact is damaged or was modified, rebuild it"
+            )

@@ -1,0 +1,42 @@
+"""CLI edge of the export stage: `llm-export build | verify | inspect` exit codes and messages."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from llmpack.cli.export_cli import main
+
+
+def test_build_verify_inspect_demo(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "demo"
+    first = runner.invoke(main, ["build", "--model", "demo", "--out", str(out), "--dtype", "fp16"])
+    assert first.exit_code == 0, first.output
+    assert "built, fp16, context 3072" in first.output
+    again = runner.invoke(main, ["build", "--model", "demo", "--out", str(out), "--dtype", "fp16"])
+    assert again.exit_code == 0 and "up to date" in again.output
+    checked = runner.invoke(main, ["verify", str(out)])
+    assert checked.exit_code == 0, checked.output
+    assert "greedy 32 tokens vs transformers generate  identical" in checked.output
+    shown = runner.invoke(main, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "4 layers" in shown.output and "8 heads / 2 kv heads" in shown.output
+
+
+def test_bad_source_is_one_error_line_and_nonzero_exit(tmp_path):
+    result = CliRunner().invoke(main, ["build", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: checkpoint folder {tmp_path / 'nope'} does not exist; pass a Hugging Face Llama folder or `demo`"
+    ]
+
+
+def test_unknown_option_and_bad_dtype_are_usage_errors(tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(main, ["build", "--model", "demo", "--out", "x", "--frobnicate"]).exit_code == 2
+    bad = runner.invoke(main, ["build", "--model", "demo", "--out", "x", "--dtype", "int3"])
+    assert bad.exit_code == 2 and "int3" in bad.output
+
+
+def test_inspect_of_a_non_artifact_says_how_to_fix(tmp_path):
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 3 and "llm-export build" in result.output
