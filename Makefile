@@ -26,7 +26,10 @@ test: install
 
 # The real size: random weights in the exact Llama-2-7b-chat shape, exported in fp16 (needs ~14 GB disk).
 export-7b-shape: install
-	$(BIN)/python -m llmpack.export.seven_b_shape --out artifacts/llama2-7b-shape
+	$(BIN)/python -m llmpack.export.seven_b_shape --checkpoint artifacts/.sources/llama2-7b-shape
+	/usr/bin/time -v -o artifacts/export-7b-shape.time $(BIN)/llm-export build \
+	    --model artifacts/.sources/llama2-7b-shape --out artifacts/llama2-7b-shape --dtype fp16
+	grep -E "Maximum resident|Elapsed" artifacts/export-7b-shape.time
 
 clean:
 	rm -rf artifacts build dist *.egg-info

@@ -32,6 +32,10 @@ def create_session(model_path: Path, threads: int | None = None):
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # Shapes change every step (past grows by one); ORT's memory-pattern planner then keeps a plan
+    # per shape and RSS climbs with every token. Measured on the demo model over 3000 tokens:
+    # +25 MiB with it, +7 MiB (and flat on every later generation) without it, at equal speed.
+    options.enable_mem_pattern = False
     try:
         return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped failures for bad models

@@ -1,0 +1,110 @@
+"""CLI edge of the runtime: `llm-serve infer | tokenize` (and `run`, the HTTP server), no torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from llmpack.cli.common import setup_logging, translate_errors
+from llmpack.runtime.errors import InvalidRequest
+
+
+def read_request(request: str | None, overrides: dict) -> dict:
+    """REQUEST as JSON text, @file or - (stdin); convenience flags override its fields."""
+    if request is None:
+        body: object = {}
+    else:
+        if request == "-":
+            text = sys.stdin.read()
+        elif request.startswith("@"):
+            try:
+                text = Path(request[1:]).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise InvalidRequest(f"cannot read request file {request[1:]}: {exc.strerror}") from exc
+        else:
+            text = request
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"REQUEST is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("REQUEST must be a JSON object with 'prompt' or 'messages'")
+    return {**body, **{k: v for k, v in overrides.items() if v is not None}}
+
+
+def engine_options(f):
+    f = click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (default: all cores).")(f)
+    f = click.option("--system-prompt", default=None, help="System prompt for raw=false prompts ('' turns it off).")(f)
+    f = click.option("--no-verify-checksums", is_flag=True, help="Skip hashing artifact files at load (sizes still checked).")(f)
+    return f
+
+
+def request_options(f):
+    f = click.option("--seed", type=int, default=None)(f)
+    f = click.option("--temperature", type=float, default=None)(f)
+    f = click.option("--max-tokens", type=int, default=None)(f)
+    f = click.option("--stream/--no-stream", default=None, help="Print the event stream.")(f)
+    f = click.option("--raw", is_flag=True, default=None, help="Send the prompt without the chat template.")(f)
+    f = click.option("--prompt", default=None, help="Build the request from this prompt.")(f)
+    return f
+
+
+def load_engine(artifact: Path, threads, system_prompt, no_verify_checksums):
+    from llmpack.runtime.engine import Engine, EngineOptions
+
+    options = EngineOptions(threads=threads, system_prompt=system_prompt, verify_checksums=not no_verify_checksums)
+    return Engine.load(artifact, options)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Serve an llmpack artifact: Workers AI's llama-2-7b-chat-fp16 schema."""
+    setup_logging(verbose)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("request", required=False)
+@request_options
+@engine_options
+@translate_errors
+def infer(artifact, request, prompt, raw, stream, max_tokens, temperature, seed, threads, system_prompt,
+          no_verify_checksums):
+    """Answer one REQUEST (JSON, @file or -) and print the response exactly as the server sends it."""
+    from llmpack.runtime.protocol import completion_json, parse_request, sse_event, sse_usage_event, SSE_DONE
+
+    overrides = dict(prompt=prompt, raw=raw, stream=stream, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    parsed = parse_request(read_request(request, overrides))
+    engine = load_engine(artifact, threads, system_prompt, no_verify_checksums)
+    text_stream = engine.stream(parsed)
+    out = sys.stdout.buffer
+    if parsed.stream:
+        for piece in text_stream:
+            out.write(sse_event({"response": piece}))
+            out.flush()
+        out.write(sse_usage_event(text_stream.usage) + SSE_DONE)
+    else:
+        text = "".join(text_stream)
+        out.write(json.dumps(completion_json(text, text_stream.usage), ensure_ascii=False).encode() + b"\n")
+    out.flush()
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("request", required=False)
+@request_options
+@engine_options
+@translate_errors
+def tokenize(artifact, request, prompt, raw, stream, max_tokens, temperature, seed, threads, system_prompt,
+             no_verify_checksums):
+    """Print the exact ids the model would be fed for REQUEST: {"tokens": [...], "count": N}."""
+    from llmpack.runtime.protocol import parse_request
+
+    overrides = dict(prompt=prompt, raw=raw, stream=stream, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    parsed = parse_request(read_request(request, overrides))
+    ids = load_engine(artifact, threads, system_prompt, no_verify_checksums).prompt_ids(parsed)
+    click.echo(json.dumps({"tokens": ids, "count": len(ids)}))

@@ -1,0 +1,203 @@
+"""The wire: request JSON -> GenerationRequest at the start of the pipeline, text + usage -> JSON / SSE at its end.
+
+The input rules are the published Workers AI schema of @cf/meta/llama-2-7b-chat-fp16 (loaded from
+the packaged copy, checked with jsonschema) plus the service's sampling fields. Every error names
+the field and the rule, because jsonschema's own oneOf message names neither.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+
+import jsonschema
+
+from llmpack.runtime.errors import InputTooLong, InvalidRequest
+from llmpack.runtime.sampling import SamplingParams
+from llmpack.runtime.template import Message, check_messages, check_no_tags
+
+SPEC_FILE = "spec_llama-2-7b-chat-fp16.json"
+SPEC: dict = json.loads(resources.files("llmpack.runtime").joinpath(SPEC_FILE).read_text(encoding="utf-8"))
+MODEL_NAME: str = SPEC["model"]
+CONTEXT_LIMIT: int = SPEC["properties"]["context_length_limit"]
+INPUT_LIMIT: int = SPEC["properties"]["sequence_length_limit"]
+
+_PROMPT_BRANCH, _MESSAGES_BRANCH = SPEC["input_schema"]["oneOf"]
+DEFAULT_MAX_TOKENS: int = _PROMPT_BRANCH["properties"]["max_tokens"]["default"]
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+_FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+_INT_FIELDS = ("top_k", "seed")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str | None
+    messages: tuple[Message, ...] | None
+    raw: bool
+    stream: bool
+    max_tokens: int
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+def _branch_validator(branch: dict) -> jsonschema.Draft202012Validator:
+    schema = copy.deepcopy(branch)
+    schema["type"] = "object"
+    # Beyond the published schema: a request for zero or fewer tokens is a client bug.
+    schema["properties"]["max_tokens"]["minimum"] = 1
+    return jsonschema.Draft202012Validator(schema)
+
+
+_PROMPT_VALIDATOR = _branch_validator(_PROMPT_BRANCH)
+_MESSAGES_VALIDATOR = _branch_validator(_MESSAGES_BRANCH)
+
+
+def parse_request(body: object) -> GenerationRequest:
+    """Validate a decoded JSON request body; raise InvalidRequest naming the field and the rule."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(
+            f"the request body must be a JSON object with 'prompt' or 'messages', got {_show(body)}"
+        )
+    _check_finite(body)
+    has_prompt, has_messages = "prompt" in body, "messages" in body
+    if has_prompt and has_messages:
+        raise InvalidRequest("send either 'prompt' or 'messages', not both")
+    if not (has_prompt or has_messages):
+        raise InvalidRequest("the request needs 'prompt' (a string) or 'messages' (a list of {role, content})")
+    _check_schema(_PROMPT_VALIDATOR if has_prompt else _MESSAGES_VALIDATOR, body)
+    raw = body.get("raw", False)
+    if not isinstance(raw, bool):
+        raise InvalidRequest(f"raw: must be a boolean, got {_show(raw)}")
+    if has_messages and raw:
+        raise InvalidRequest("raw: applies to 'prompt' only; send the raw text as 'prompt' with raw=true")
+    messages = check_messages(body["messages"]) if has_messages else None
+    if has_prompt and not raw:
+        check_no_tags(body["prompt"], "prompt")
+    return GenerationRequest(
+        prompt=body.get("prompt"),
+        messages=messages,
+        raw=raw,
+        stream=body.get("stream", False),
+        max_tokens=int(body.get("max_tokens", DEFAULT_MAX_TOKENS)),
+        sampling=_sampling(body),
+    )
+
+
+def _check_finite(body: dict) -> None:
+    for key, value in body.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequest(f"{key}: must be a finite number, got {value!r}")
+
+
+def _check_schema(validator: jsonschema.Draft202012Validator, body: dict) -> None:
+    # Report the error that comes first in the body, so messages[2] wins over messages[10].
+    def position(error: jsonschema.ValidationError) -> list[str]:
+        return [f"{p:09d}" if isinstance(p, int) else p for p in error.absolute_path]
+
+    errors = sorted(validator.iter_errors(body), key=lambda e: (position(e), e.validator))
+    if errors:
+        raise InvalidRequest(_describe(errors[0]))
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One readable sentence for a jsonschema error: '<field path>: <rule>, got <value>'."""
+    where = _path(error.absolute_path)
+    if error.validator == "required":
+        missing = next(key for key in error.validator_value if key not in error.instance)
+        return f"{_path([*error.absolute_path, missing])}: is required"
+    if error.validator == "maxLength":
+        return f"{where}: is longer than {error.validator_value} characters (got {len(error.instance)})"
+    return f"{where}: must be {_expectation(error.schema)}, got {_show(error.instance)}"
+
+
+def _expectation(schema: dict) -> str:
+    kind = schema.get("type")
+    if kind == "integer":
+        return "an integer" + (f" ≥ {schema['minimum']}" if "minimum" in schema else "")
+    if kind == "string":
+        return "a string" + (f" of at most {schema['maxLength']} characters" if "maxLength" in schema else "")
+    if kind == "object" and "role" in schema.get("properties", {}):
+        return "an object with string 'role' and 'content'"
+    names = {"boolean": "a boolean", "array": "an array", "object": "an object", "number": "a number"}
+    return names.get(kind, f"valid under {schema}")
+
+
+def _path(parts) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "request"
+
+
+def _show(value: object) -> str:
+    """A value as the client wrote it, in JSON terms, shortened."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (list, dict)):
+        return "an array" if isinstance(value, list) else "an object"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _sampling(body: dict) -> SamplingParams:
+    """Type-check the sampling fields here; their ranges live in SamplingParams.validate."""
+    fields = {}
+    for name in _FLOAT_FIELDS + _INT_FIELDS:
+        if name not in body:
+            continue
+        value = body[name]
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if name in _INT_FIELDS:
+            if not is_number or value != int(value):
+                raise InvalidRequest(f"{name}: must be an integer, got {_show(value)}")
+            value = int(value)
+        elif not is_number:
+            raise InvalidRequest(f"{name}: must be a number, got {_show(value)}")
+        fields[name] = value
+    return SamplingParams(**fields).validate()
+
+
+def check_prompt_length(prompt_tokens: int, limit: int = INPUT_LIMIT) -> None:
+    """Refuse a prompt whose encoded length is over the service's input limit."""
+    if prompt_tokens > limit:
+        raise InputTooLong(
+            f"prompt is {prompt_tokens} tokens, the limit is {limit}; shorten the prompt or the "
+            "conversation history"
+        )
+
+
+def completion_json(text: str, usage: Usage) -> dict:
+    """The non-streaming response body."""
+    return {"response": text, "usage": usage.as_dict()}
+
+
+def sse_event(payload: dict) -> bytes:
+    """One server-sent event; JSON escapes newlines, so the payload always stays on one data line."""
+    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return b"data: " + data.encode("utf-8") + b"\n\n"
+
+
+def sse_usage_event(usage: Usage) -> bytes:
+    """The last event before SSE_DONE: no text, only the token counts."""
+    return sse_event({"response": "", "usage": usage.as_dict()})
