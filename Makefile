@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmpack-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test export-7b-shape clean
+.PHONY: install demo test export-7b-shape bench-model bench-decode-paths clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,10 +26,19 @@ test: install
 
 # The real size: random weights in the exact Llama-2-7b-chat shape, exported in fp16 (needs ~14 GB disk).
 export-7b-shape: install
-	$(BIN)/python -m llmpack.export.seven_b_shape --checkpoint artifacts/.sources/llama2-7b-shape
+	$(BIN)/python -m llmpack.export.random_checkpoint --shape llama2-7b --dtype float16 \
+	    --out artifacts/.sources/llama2-7b-shape
 	/usr/bin/time -v -o artifacts/export-7b-shape.time $(BIN)/llm-export build \
 	    --model artifacts/.sources/llama2-7b-shape --out artifacts/llama2-7b-shape --dtype fp16
 	grep -E "Maximum resident|Elapsed" artifacts/export-7b-shape.time
+
+# Benchmark model: random weights in the stories110M shape (hidden 768, 12 layers, vocab 32000), fp32.
+bench-model: install
+	$(BIN)/python -m llmpack.export.random_checkpoint --shape stories110m --out artifacts/.sources/stories110m-shape
+	$(BIN)/llm-export build --model artifacts/.sources/stories110m-shape --out artifacts/bench-110m
+
+bench-decode-paths: bench-model
+	$(BIN)/python bench/decode_paths.py artifacts/bench-110m
 
 clean:
 	rm -rf artifacts build dist *.egg-info

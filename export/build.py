@@ -27,7 +27,7 @@ from llmpack.export.graph import OPSET, write_decoder_graph
 from llmpack.runtime import __version__
 from llmpack.runtime import manifest as names
 from llmpack.runtime.errors import ArtifactError, BuildError
-from llmpack.runtime.manifest import BuildManifest, SourceInfo, digest_file, read_manifest
+from llmpack.runtime.manifest import BuildManifest, FileDigest, SourceInfo, digest_file, read_manifest
 
 log = logging.getLogger("llmpack.export")
 
@@ -64,11 +64,11 @@ def tool_versions() -> dict[str, str]:
     return {"onnx": onnx.__version__, "torch": torch.__version__, "python": ".".join(map(str, sys.version_info[:3]))}
 
 
-def build_key(checkpoint: Checkpoint, options: BuildOptions, max_context: int) -> str:
+def build_key(source_files: tuple[FileDigest, ...], options: BuildOptions, max_context: int) -> str:
     """Everything that determines the artifact's bytes, hashed: a match means nothing to rebuild."""
     material = {
         "llmpack": __version__,
-        "weights": [(d.path, d.sha256) for d in checkpoint.digests()],
+        "weights": [(d.path, d.sha256) for d in source_files],
         "dtype": options.dtype,
         "max_context": max_context,
         "opset": OPSET,
@@ -122,7 +122,8 @@ def _check_disk(checkpoint: Checkpoint, folder: Path, dtype: str) -> None:
         )
 
 
-def _write_artifact(checkpoint: Checkpoint, staging: Path, options: BuildOptions, max_context: int, key: str) -> BuildManifest:
+def _write_artifact(checkpoint: Checkpoint, source: SourceInfo, staging: Path, options: BuildOptions,
+                    max_context: int, key: str) -> BuildManifest:
     inputs, outputs = write_decoder_graph(checkpoint, staging, options.dtype, options.progress)
     shutil.copyfile(checkpoint.path / checkpoint.tokenizer_file, staging / names.TOKENIZER_FILE)
     files = tuple(digest_file(staging, f) for f in (names.MODEL_FILE, names.WEIGHTS_FILE, names.TOKENIZER_FILE))
@@ -136,7 +137,7 @@ def _write_artifact(checkpoint: Checkpoint, staging: Path, options: BuildOptions
         stop_token_ids=checkpoint.stop_token_ids,
         inputs=inputs,
         outputs=outputs,
-        source=SourceInfo(path=str(checkpoint.path), files=checkpoint.digests()),
+        source=source,
         files=files,
         build_key=key,
         llmpack_version=__version__,
@@ -175,7 +176,9 @@ def build(options: BuildOptions) -> BuildResult:
     max_context = min(options.max_context, checkpoint.config.max_position_embeddings)
     with build_lock(out):
         existing = _existing_manifest(out)
-        key = build_key(checkpoint, options, max_context)
+        log.info("hashing the weights of %s (the build is skipped when nothing changed)", checkpoint.path)
+        source = SourceInfo(path=str(checkpoint.path), files=checkpoint.digests())
+        key = build_key(source.files, options, max_context)
         if existing is not None and existing.build_key == key and not options.force:
             log.info("artifact %s is up to date (same weights and options); reusing it, --force rebuilds", out)
             return BuildResult(out, existing, reused=True)
@@ -184,7 +187,7 @@ def build(options: BuildOptions) -> BuildResult:
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
         staging.chmod(0o755)  # mkdtemp's 0700 would make the deployed artifact private to the builder
         try:
-            manifest = _write_artifact(checkpoint, staging, options, max_context, key)
+            manifest = _write_artifact(checkpoint, source, staging, options, max_context, key)
             _swap_into_place(staging, out)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:

@@ -6,11 +6,12 @@ Weights are opened lazily, one tensor at a time, so a 7B checkpoint never sits i
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from llmpack.export.safetensors_reader import SafetensorsFile
 from llmpack.runtime.errors import CheckpointError
 from llmpack.runtime.manifest import FileDigest, ModelConfig, digest_file
 
@@ -146,23 +147,21 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 
 class WeightReader:
-    """Yields tensors by name from safetensors or .bin files, opening each file lazily (mmap)."""
+    """Yields tensors by name as numpy arrays, reading one tensor at a time from the weight files."""
 
     def __init__(self, checkpoint: Checkpoint):
         self._checkpoint = checkpoint
-        self._stack = ExitStack()
         self._open: dict[str, object] = {}
         self._location: dict[str, str] = dict(checkpoint.tensor_files)
 
     def __enter__(self) -> WeightReader:
         if not self._location:
             for name in self._checkpoint.weight_files:
-                for key in self._keys(name):
+                for key in self._file(name).keys():
                     self._location[key] = name
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
         self._open.clear()
 
     def has(self, name: str) -> bool:
@@ -171,36 +170,32 @@ class WeightReader:
     def _file(self, name: str):
         if name not in self._open:
             path = self._checkpoint.path / name
-            try:
-                if name.endswith(".safetensors"):
-                    from safetensors import safe_open
-
-                    self._open[name] = self._stack.enter_context(safe_open(str(path), framework="pt"))
-                else:
-                    import torch
-
-                    self._open[name] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - any loader failure means the file is unreadable
-                raise CheckpointError(
-                    f"weight file {path} cannot be read ({type(exc).__name__}: {exc}); it is corrupt or "
-                    "truncated, re-download it"
-                ) from exc
+            if name.endswith(".safetensors"):
+                self._open[name] = SafetensorsFile(path)
+            else:
+                self._open[name] = _load_torch_bin(path)
         return self._open[name]
 
-    def _keys(self, name: str) -> Iterator[str]:
-        handle = self._file(name)
-        return iter(handle.keys())
-
-    def get(self, tensor: str):
-        """The tensor as a torch tensor (still in the checkpoint's dtype)."""
+    def get(self, tensor: str) -> np.ndarray:
+        """The tensor as numpy, float16 or float32 (bf16 widened)."""
         if tensor not in self._location:
             raise CheckpointError(
                 f"tensor {tensor} is missing from {self._checkpoint.path}; the checkpoint is incomplete"
             )
         handle = self._file(self._location[tensor])
-        try:
-            return handle.get_tensor(tensor) if hasattr(handle, "get_tensor") else handle[tensor]
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on bad data
-            raise CheckpointError(
-                f"tensor {tensor} in {self._location[tensor]} cannot be read ({exc}); re-download the file"
-            ) from exc
+        if isinstance(handle, SafetensorsFile):
+            return handle.read(tensor)
+        value = handle[tensor]
+        return value.float().numpy() if str(value.dtype) == "torch.bfloat16" else value.numpy()
+
+
+def _load_torch_bin(path: Path) -> dict:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many unrelated types for a bad pickle/zip
+        raise CheckpointError(
+            f"weight file {path} cannot be read ({type(exc).__name__}: {exc}); it is corrupt or "
+            "truncated, re-download it"
+        ) from exc

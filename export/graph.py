@@ -56,9 +56,7 @@ class LlamaGraph:
     # --- weights -----------------------------------------------------------------------------
 
     def _tensor(self, name: str) -> np.ndarray:
-        import torch
-
-        return self.w.get(name).to(torch.float32).numpy().astype(self.dtype, copy=False)
+        return self.w.get(name).astype(self.dtype, copy=False)
 
     def linear_weight(self, name: str) -> str:
         """A Linear weight stored as [in, out] so that MatMul(x, W) needs no transpose at run time."""

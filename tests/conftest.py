@@ -50,7 +50,8 @@ def llama2_tokenizer_path(shared_dir) -> Path:
 
 
 def make_tiny_llama(folder: Path, tokenizer_model: Path, *, seed: int = 0, dtype: str = "float32",
-                    tie: bool = False, kv_heads: int = 2, embed_scale: float = 1.0, eos=2) -> Path:
+                    tie: bool = False, kv_heads: int = 2, embed_scale: float = 1.0, eos=2,
+                    safetensors: bool = True) -> Path:
     """A random Llama built by transformers itself, saved as a Hugging Face checkpoint folder."""
     import sentencepiece as spm
     import torch
@@ -67,6 +68,9 @@ def make_tiny_llama(folder: Path, tokenizer_model: Path, *, seed: int = 0, dtype
             param.normal_(0, 0.3 if param.dim() > 1 else 0.1).add_(1.0 if param.dim() == 1 else 0.0)
         model.model.embed_tokens.weight.mul_(embed_scale)
     model.to(getattr(torch, dtype)).save_pretrained(folder)
+    if not safetensors:  # transformers 5 only writes safetensors; older checkpoints ship torch pickles
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
     shutil.copyfile(tokenizer_model, folder / "tokenizer.model")
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": eos}))
     return folder
@@ -124,3 +128,17 @@ def llama2_sp(llama2_tokenizer_path):
 def any_tokenizer(request):
     """Each real tokenizer in turn."""
     return request.getfixturevalue(request.param)
+
+
+# --- the HTTP server (tests/test_server.py, tests/test_openai_compat.py) ---------------------------
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_artifact, tmp_path_factory):
+    """One real `llm-serve run` on the demo artifact for the session, key from LLMPACK_API_KEY."""
+    from serving import SERVER_API_KEY, ServerProcess
+
+    server = ServerProcess(demo_artifact, tmp_path_factory.mktemp("server") / "serve.log", "--max-body-bytes", "65536",
+                           env={"LLMPACK_API_KEY": SERVER_API_KEY})
+    yield server
+    assert server.stop() == 0, server.log()

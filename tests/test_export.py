@@ -29,6 +29,8 @@ def tiny_sources(tmp_path_factory, demo_source):
         "fp32_other": make_tiny_llama(root / "fp32_other", tok, seed=2),
         "fp16": make_tiny_llama(root / "fp16", tok, seed=3, dtype="float16", tie=True),
         "loud": make_tiny_llama(root / "loud", tok, seed=4, embed_scale=2000.0, kv_heads=4),
+        "bf16_bin": make_tiny_llama(root / "bf16_bin", tok, seed=5, dtype="bfloat16", safetensors=False),
+        "bf16": make_tiny_llama(root / "bf16", tok, seed=6, dtype="bfloat16"),
     }
 
 
@@ -60,6 +62,14 @@ def test_tiny_transformers_models_pass_verify(tmp_path, tiny_sources, kind):
         model = onnx.load(str(result.path / names.MODEL_FILE), load_external_data=False)
         assert "lm_head.weight" not in {t.name for t in model.graph.initializer}
     assert result.manifest.max_context == 256  # capped by max_position_embeddings
+
+
+@pytest.mark.parametrize("kind", ["bf16", "bf16_bin"])
+def test_bf16_safetensors_and_torch_bin_checkpoints(tmp_path, tiny_sources, kind):
+    source = tiny_sources[kind]
+    assert (source / ("model.safetensors" if kind == "bf16" else "pytorch_model.bin")).is_file()
+    report = verify(build(BuildOptions(model=str(source), out=tmp_path / kind)).path)
+    assert report.ok, report.table()
 
 
 def test_fp16_graph_survives_activations_that_overflow_fp16(tmp_path, tiny_sources):
