@@ -53,7 +53,10 @@ def relative_error(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 def _load_reference(source: Path):
     import torch
     from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     if not source.is_dir():
         raise CheckpointError(f"the artifact's source checkpoint {source} is gone; verify needs it to compare against")
     model = LlamaForCausalLM.from_pretrained(str(source), dtype=torch.float32)

@@ -24,6 +24,32 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+def available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(manifest: BuildManifest, weights_bytes: int) -> None:
+    """Refuse up front what would be OOM-killed: ORT's CPU provider upcasts fp16 weights to fp32."""
+    needed = weights_bytes * (2 if manifest.dtype == "fp16" else 1) * 1.1
+    free = available_memory()
+    if free is not None and needed > free:
+        hint = " (ONNX Runtime's CPU provider upcasts fp16 weights to fp32; fp16 artifacts are meant for GPUs)" \
+            if manifest.dtype == "fp16" else ""
+        raise ArtifactError(
+            f"loading {manifest.name} on the CPU needs about {needed / 2**30:.1f} GiB, "
+            f"{free / 2**30:.1f} GiB are available{hint}; use a machine with more memory or a smaller artifact"
+        )
+    if manifest.dtype == "fp16":
+        log.warning("fp16 artifact on the CPU backend: ONNX Runtime upcasts its weights to fp32 (twice the memory)")
+
+
 def create_session(model_path: Path, threads: int | None = None):
     import onnxruntime as ort
 
@@ -51,6 +77,7 @@ class OrtBackend:
         self.manifest = manifest
         self.context_length = manifest.max_context
         self.vocab_size = manifest.config.vocab_size
+        check_memory(manifest, sum(f.size for f in manifest.files if f.path == names.WEIGHTS_FILE))
         self.session = create_session(Path(artifact) / names.MODEL_FILE, threads)
         c = manifest.config
         self._layers = c.num_layers

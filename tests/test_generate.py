@@ -137,3 +137,12 @@ def test_system_prompt_default_override_and_off(demo_artifact):
     off = Engine.load(demo_artifact, EngineOptions(system_prompt="")).prompt_ids(request)
     assert len(default) > len(custom) > len(off)
     assert np.array_equal(off[-3:], default[-3:])
+
+
+def test_artifact_too_big_for_memory_is_refused_before_loading(demo_artifact, monkeypatch):
+    from llmpack.runtime import ort_backend
+    from llmpack.runtime.errors import ArtifactError
+
+    monkeypatch.setattr(ort_backend, "available_memory", lambda: 1000)
+    with pytest.raises(ArtifactError, match=r"needs about .* GiB, 0.0 GiB are available"):
+        Engine.load(demo_artifact)
