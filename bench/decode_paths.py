@@ -51,11 +51,11 @@ class NumpyPath:
 
 def iobinding_generate(backend: OrtBackend, prompt: list[int], new_tokens: int) -> tuple[float, float]:
     start = time.perf_counter()
-    logits = backend.prefill(prompt)
+    logits = backend.prefill(0, prompt)
     first = time.perf_counter() - start
     for _ in range(new_tokens - 1):
-        logits = backend.decode(int(np.argmax(logits)))
-    backend.reset()
+        logits = backend.decode([0], [int(np.argmax(logits))])[0]
+    backend.reset(0)
     return first, time.perf_counter() - start
 
 

@@ -76,12 +76,13 @@ def _reference_greedy(model, prompt: list[int], steps: int) -> tuple[np.ndarray,
 
 
 def _artifact_greedy(backend, prompt: list[int], steps: int) -> tuple[list[np.ndarray], list[int]]:
-    logits = [backend.prefill(prompt).copy()]
+    logits = [backend.prefill(0, prompt).copy()]
     tokens = []
     for _ in range(steps):
         tokens.append(int(np.argmax(logits[-1])))
         if len(tokens) < steps:
-            logits.append(backend.decode(tokens[-1]).copy())
+            logits.append(backend.decode([0], [tokens[-1]])[0].copy())
+    backend.reset(0)
     return logits, tokens
 
 
@@ -101,7 +102,8 @@ def verify(artifact_path: Path | str, steps: int = 32, prompt_length: int = 16, 
     prefill_abs, prefill_rel = relative_error(step_logits[0], ref_logits)
     worst_cache = 0.0
     for step in range(1, steps, max(1, steps // 4)):
-        full = backend.prefill(prompt + tokens[:step])
+        full = backend.prefill(0, prompt + tokens[:step])
+        backend.reset(0)
         worst_cache = max(worst_cache, relative_error(step_logits[step], full)[1])
     first_diff = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
     checks = (

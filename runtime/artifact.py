@@ -35,12 +35,12 @@ def open_artifact(path: Path | str, verify_checksums: bool = True) -> Artifact:
     return Artifact(folder, manifest)
 
 
-def open_backend(artifact: Artifact, backend: str = "auto", threads: int | None = None):
+def open_backend(artifact: Artifact, backend: str = "auto", threads: int | None = None, max_batch: int = 1):
     """The backend that will run this artifact; the decode loop sees only the Backend interface."""
     if backend not in BACKENDS:
         raise ArtifactError(f"backend {backend!r} is not available; choose one of {', '.join(BACKENDS)}")
     from llmpack.runtime.ort_backend import OrtBackend
 
-    chosen = OrtBackend(artifact.path, artifact.manifest, threads=threads)
+    chosen = OrtBackend(artifact.path, artifact.manifest, threads=threads, max_batch=max_batch)
     log.info("backend %s for %s", chosen.name, artifact.path.name)
     return chosen

@@ -1,8 +1,10 @@
 """Generation stage 2: the backend interface — the only thing the decode loop knows about inference.
 
-A backend owns one sequence's KV cache: `prefill` starts it from prompt ids, `decode` appends one
-token, `reset` frees it. Both return float32 logits [vocab] for the last position. ONNX Runtime and
-TensorRT implement it; the loop, sampler and template never know which one runs.
+A backend owns the KV caches of up to `max_batch` sequences, each in a numbered slot. `prefill`
+appends prompt tokens to one slot (call it again to continue a chunked prompt), `decode` runs ONE
+batched step that appends one token to each listed slot, `reset` frees a slot. Both return float32
+logits of the last position. ONNX Runtime and TensorRT implement it; the loop, sampler and
+template never know which one runs.
 """
 
 from __future__ import annotations
@@ -15,22 +17,22 @@ import numpy as np
 
 class Backend(Protocol):
     name: str
-    context_length: int  # the most tokens (prompt + generated) the KV cache can hold
+    context_length: int  # the most tokens (prompt + generated) one slot can hold
     vocab_size: int
+    max_batch: int  # slots 0 … max_batch-1
 
-    @property
-    def cached_tokens(self) -> int:
-        """How many tokens the KV cache holds now."""
+    def cached_tokens(self, slot: int) -> int:
+        """How many tokens the slot's KV cache holds now."""
         ...
 
-    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Drop any previous sequence, run the prompt, return the last position's logits."""
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
+        """Append token_ids to the slot's sequence; logits [vocab] of the last one."""
         ...
 
-    def decode(self, token_id: int) -> np.ndarray:
-        """Append one token to the cached sequence and return its logits."""
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+        """Append token_ids[i] to slots[i], all in one batched step; logits [len(slots), vocab]."""
         ...
 
-    def reset(self) -> None:
-        """Free the sequence's KV cache."""
+    def reset(self, slot: int) -> None:
+        """Free the slot's KV cache."""
         ...

@@ -1,21 +1,20 @@
 """Generation stage 4: the engine — request in, text stream out; what the CLI and the server share.
 
-It owns the artifact, tokenizer and backend, turns a validated request into prompt ids (template +
-limits) and runs one sequence at a time on the backend.
+It owns the artifact, tokenizer, backend and batch scheduler, turns a validated request into prompt
+ids (template + limits) and hands them to the scheduler, which decodes all requests in flight together.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmpack.runtime.artifact import Artifact, open_artifact, open_backend
+from llmpack.runtime.batch_scheduler import DEFAULT_PREFILL_CHUNK, BatchScheduler
 from llmpack.runtime.errors import InputTooLong
 from llmpack.runtime.generate import Completion, TextStream, TokenStream, complete
 from llmpack.runtime.protocol import CONTEXT_LIMIT, INPUT_LIMIT, GenerationRequest
+from llmpack.runtime.sampling import SamplingParams
 from llmpack.runtime.template import DEFAULT_SYSTEM_PROMPT, chat_ids, prompt_ids
 from llmpack.runtime.tokenizer import Tokenizer
 
@@ -27,10 +26,13 @@ class EngineOptions:
     # None: the artifact's default (itself defaulting to Workers AI's); "" turns it off.
     system_prompt: str | None = None
     verify_checksums: bool = True
+    max_batch: int = 8  # sequences decoded together in one step
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
 
 
 class Engine:
-    def __init__(self, artifact: Artifact, backend, tokenizer: Tokenizer, system_prompt: str | None):
+    def __init__(self, artifact: Artifact, backend, tokenizer: Tokenizer, system_prompt: str | None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.artifact = artifact
         self.backend = backend
         self.tokenizer = tokenizer
@@ -39,18 +41,18 @@ class Engine:
         self.context_limit = min(CONTEXT_LIMIT, backend.context_length)
         self.input_limit = min(INPUT_LIMIT, self.context_limit - 1)
         self.stop_ids = manifest.stop_token_ids
-        self._lock = threading.Lock()
+        self.scheduler = BatchScheduler(backend, prefill_chunk)
 
     @classmethod
     def load(cls, path: Path | str, options: EngineOptions = EngineOptions()) -> Engine:
         artifact = open_artifact(path, verify_checksums=options.verify_checksums)
         tokenizer = Tokenizer.from_file(artifact.tokenizer_path)
-        backend = open_backend(artifact, options.backend, options.threads)
+        backend = open_backend(artifact, options.backend, options.threads, options.max_batch)
         system = options.system_prompt
         if system is None:
             stored = artifact.manifest.default_system_prompt
             system = DEFAULT_SYSTEM_PROMPT if stored is None else stored
-        return cls(artifact, backend, tokenizer, system)
+        return cls(artifact, backend, tokenizer, system, options.prefill_chunk)
 
     @property
     def model_name(self) -> str:
@@ -69,25 +71,19 @@ class Engine:
             )
         return ids
 
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
+                     stop_ids=None) -> TokenStream:
+        """Queue a sequence for the batch scheduler; iterate the result for its token ids."""
+        stops = self.stop_ids if stop_ids is None else stop_ids
+        return self.scheduler.submit(prompt_ids, max_tokens, sampling, stops)
+
     def stream(self, request: GenerationRequest) -> TextStream:
-        """The response as a text stream; iterate it to generate (one sequence at a time)."""
+        """The response as a text stream; it runs batched with every other request in flight."""
         ids = self.prompt_ids(request)
-        tokens = TokenStream(self.backend, ids, request.max_tokens, request.sampling, self.stop_ids)
-        return TextStream(_Exclusive(tokens, self._lock), self.tokenizer)
+        return TextStream(self.generate_ids(ids, request.max_tokens, request.sampling), self.tokenizer)
 
     def complete(self, request: GenerationRequest) -> Completion:
         return complete(self.stream(request))
 
-
-class _Exclusive:
-    """A TokenStream that holds the engine's lock while it runs: the backend has one KV cache."""
-
-    def __init__(self, tokens: TokenStream, lock: threading.Lock):
-        self._tokens, self._lock = tokens, lock
-
-    def __iter__(self) -> Iterator[int]:
-        with self._lock:
-            yield from self._tokens
-
-    def __getattr__(self, name):
-        return getattr(self._tokens, name)
+    def close(self) -> None:
+        self.scheduler.close()

@@ -1,15 +1,20 @@
 """Generation stage 3: the decode loop in three layers — token iterator → text stream → completion.
 
-The CLI, the JSON path and the SSE path all sit on `TextStream`, so streamed and non-streamed
-answers are the same bytes by construction.
+`SequenceState` decides each sequence's next token from its logits (sampling, stop ids, budget);
+the batch scheduler drives many of them at once and feeds each request's `TokenStream`. The CLI,
+the JSON path and the SSE path all sit on `TextStream`, so streamed and non-streamed answers are
+the same bytes by construction.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from llmpack.runtime.backend import Backend
+import numpy as np
+
 from llmpack.runtime.detokenizer import StreamingDetokenizer
 from llmpack.runtime.protocol import Usage
 from llmpack.runtime.sampling import SamplingParams, TokenHistory, make_rng, sample_token
@@ -17,42 +22,95 @@ from llmpack.runtime.tokenizer import Tokenizer
 
 FINISH_STOP = "stop"  # the model produced a stop id
 FINISH_LENGTH = "length"  # max_tokens reached, or the context is full
+FINISH_CANCELLED = "cancelled"  # the consumer went away
+
+
+@dataclass(frozen=True)
+class _End:
+    reason: str
+    error: BaseException | None = None
 
 
 class TokenStream:
-    """Iterates the generated ids (stop ids excluded); afterwards says why it ended."""
+    """The consumer's side of one sequence: iterates generated ids (stop ids excluded) as they come.
 
-    def __init__(self, backend: Backend, prompt_ids: Sequence[int], max_tokens: int,
-                 sampling: SamplingParams, stop_ids: Sequence[int]):
-        self.backend = backend
+    Stopping the iteration early (a closed stream, a disconnected client) cancels the sequence, so
+    the scheduler frees its slot at the next step.
+    """
+
+    def __init__(self, prompt_ids: Sequence[int]):
         self.prompt_ids = list(prompt_ids)
-        # Never past the context: the budget is whichever runs out first.
-        self.budget = min(max_tokens, backend.context_length - len(self.prompt_ids))
-        self.sampling = sampling
-        self.stop_ids = frozenset(stop_ids)
         self.finish_reason: str | None = None
         self.generated = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = threading.Event()
+
+    # producer side (the scheduler thread)
+    def put(self, token: int) -> None:
+        self._queue.put(token)
+
+    def end(self, reason: str, error: BaseException | None = None) -> None:
+        self._queue.put(_End(reason, error))
+
+    # consumer side
+    def cancel(self) -> None:
+        self.cancelled.set()
 
     def __iter__(self) -> Iterator[int]:
-        rng = make_rng(self.sampling.seed)
-        history = TokenHistory(self.backend.vocab_size, self.prompt_ids)
         try:
-            logits = self.backend.prefill(self.prompt_ids)
             while True:
-                if self.generated >= self.budget:
-                    self.finish_reason = FINISH_LENGTH
-                    return
-                token = sample_token(logits, self.sampling, rng, history)
-                if token in self.stop_ids:
-                    self.finish_reason = FINISH_STOP
+                item = self._queue.get()
+                if isinstance(item, _End):
+                    self.finish_reason = item.reason
+                    if item.error is not None:
+                        raise item.error
                     return
                 self.generated += 1
-                yield token
-                if self.generated < self.budget:
-                    history.add(token)
-                    logits = self.backend.decode(token)
+                yield item
         finally:
-            self.backend.reset()
+            if self.finish_reason is None:
+                self.finish_reason = FINISH_CANCELLED
+                self.cancel()
+
+
+class SequenceState:
+    """One sequence's decisions: sample from its logits with its own seed, stop, or run out of budget."""
+
+    def __init__(self, stream: TokenStream, max_tokens: int, sampling: SamplingParams,
+                 stop_ids: Sequence[int], vocab_size: int, context_length: int):
+        self.stream = stream
+        self.prompt_ids = stream.prompt_ids
+        # Never past the context: the budget is whichever runs out first.
+        self.budget = min(max_tokens, context_length - len(self.prompt_ids))
+        self.sampling = sampling
+        self.stop_ids = frozenset(stop_ids)
+        self.rng = make_rng(sampling.seed)
+        self.history = TokenHistory(vocab_size, self.prompt_ids)
+        self.generated = 0
+        self.prefilled = 0
+        self.pending: int | None = None  # the token the next decode step must feed
+        self.slot: int | None = None
+        self.done = False
+
+    def advance(self, logits: np.ndarray) -> None:
+        """Choose the next token from the last logits; emits it, or ends the sequence."""
+        self.pending = None
+        if self.generated >= self.budget:
+            return self.finish(FINISH_LENGTH)
+        token = sample_token(logits, self.sampling, self.rng, self.history)
+        if token in self.stop_ids:
+            return self.finish(FINISH_STOP)
+        self.generated += 1
+        self.history.add(token)
+        self.stream.put(token)
+        if self.generated >= self.budget:
+            return self.finish(FINISH_LENGTH)  # no decode step for a token nobody will sample after
+        self.pending = token
+
+    def finish(self, reason: str, error: BaseException | None = None) -> None:
+        if not self.done:
+            self.done, self.pending = True, None
+            self.stream.end(reason, error)
 
 
 class TextStream:
@@ -64,13 +122,20 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         detokenizer = StreamingDetokenizer(self.tokenizer)
-        for token in self.tokens:
-            piece = detokenizer.add(token)
-            if piece:
-                yield piece
-        tail = detokenizer.flush()
-        if tail:
-            yield tail
+        token_iter = iter(self.tokens)
+        try:
+            for token in token_iter:
+                piece = detokenizer.add(token)
+                if piece:
+                    yield piece
+            tail = detokenizer.flush()
+            if tail:
+                yield tail
+        finally:
+            token_iter.close()  # an abandoned text stream cancels its sequence at once
+
+    def cancel(self) -> None:
+        self.tokens.cancel()
 
     @property
     def finish_reason(self) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,66 +69,142 @@ def create_session(model_path: Path, threads: int | None = None):
         raise ArtifactError(f"ONNX Runtime cannot load {model_path} ({exc}); rebuild the artifact") from exc
 
 
+def _as_array(value) -> np.ndarray:
+    """A numpy view of an OrtValue (no copy) or the array itself."""
+    return value if isinstance(value, np.ndarray) else value.numpy()
+
+
+@dataclass
+class _Batch:
+    """The KV caches of several slots stacked into one left-padded batch, kept across steps."""
+
+    slots: tuple[int, ...]
+    past: list  # per layer k/v: OrtValue [batch, kv_heads, width, head_dim]
+    width: int  # padded past length shared by every row
+
+    def pad(self, length: int) -> int:
+        return self.width - length
+
+
 class OrtBackend:
-    """One sequence at a time on ONNX Runtime's CPU execution provider."""
+    """Slots of sequences on ONNX Runtime's CPU provider; batched decode over left-padded caches.
+
+    Each slot keeps its own cache (OrtValues, never copied between steps). A batched decode stacks
+    the listed slots into one left-padded batch once, then keeps feeding the batch's `present`
+    back as `past`; the batch is unpacked only when the set of slots changes.
+    """
 
     name = "onnxruntime-cpu"
 
-    def __init__(self, artifact: Path, manifest: BuildManifest, threads: int | None = None):
+    def __init__(self, artifact: Path, manifest: BuildManifest, threads: int | None = None, max_batch: int = 1):
         self.manifest = manifest
         self.context_length = manifest.max_context
         self.vocab_size = manifest.config.vocab_size
+        self.max_batch = max_batch
         check_memory(manifest, sum(f.size for f in manifest.files if f.path == names.WEIGHTS_FILE))
         self.session = create_session(Path(artifact) / names.MODEL_FILE, threads)
         c = manifest.config
-        self._layers = c.num_layers
         self._past_names = [n for i in range(c.num_layers) for n in (names.past_key_name(i), names.past_value_name(i))]
         self._output_names = [names.LOGITS] + [
             n for i in range(c.num_layers) for n in (names.present_key_name(i), names.present_value_name(i))
         ]
         self._empty_past = np.zeros((1, c.num_kv_heads, 0, c.head_dim), dtype=manifest.kv_dtype)
-        self._ones = np.ones((1, self.context_length), dtype=np.int64)
-        self._past: list | None = None
-        self._length = 0
+        self._pasts: list[list | None] = [None] * max_batch
+        self._lengths = [0] * max_batch
+        self._batch: _Batch | None = None
 
-    @property
-    def cached_tokens(self) -> int:
-        return self._length
+    def cached_tokens(self, slot: int) -> int:
+        return self._lengths[slot]
 
-    def _run(self, token_ids: np.ndarray, past: Sequence) -> np.ndarray:
-        count = token_ids.shape[1]
-        total = self._length + count
-        if total > self.context_length:
-            raise BackendError(f"sequence of {total} tokens exceeds the artifact's context of {self.context_length}")
+    def _run(self, token_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Sequence) -> list:
         binding = self.session.io_binding()
         binding.bind_cpu_input(names.INPUT_IDS, token_ids)
-        binding.bind_cpu_input(names.ATTENTION_MASK, self._ones[:, :total])
-        binding.bind_cpu_input(names.POSITION_IDS, np.arange(self._length, total, dtype=np.int64)[None, :])
+        binding.bind_cpu_input(names.ATTENTION_MASK, mask)
+        binding.bind_cpu_input(names.POSITION_IDS, positions)
         for name, value in zip(self._past_names, past):
             if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, value)
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))  # unpacked rows are views
             else:
                 binding.bind_ortvalue_input(name, value)
         for name in self._output_names:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        self._past = outputs[1:]
-        self._length = total
-        return outputs[0].numpy()[0]
+        return binding.get_outputs()
 
-    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+    def _check_room(self, slot: int, count: int) -> int:
+        total = self._lengths[slot] + count
+        if total > self.context_length:
+            raise BackendError(f"sequence of {total} tokens exceeds the artifact's context of {self.context_length}")
+        return total
+
+    def _run_slot(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
+        """One slot alone: its own cache, no padding."""
+        start, total = self._lengths[slot], self._check_room(slot, len(token_ids))
+        past = self._pasts[slot] or [self._empty_past] * len(self._past_names)
+        outputs = self._run(
+            np.asarray([token_ids], dtype=np.int64),
+            np.ones((1, total), dtype=np.int64),
+            np.arange(start, total, dtype=np.int64)[None, :],
+            past,
+        )
+        self._pasts[slot], self._lengths[slot] = outputs[1:], total
+        return outputs[0].numpy()
+
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
         if not token_ids:
             raise BackendError("prefill needs at least one token")
-        self.reset()
-        ids = np.asarray(token_ids, dtype=np.int64)[None, :]
-        return self._run(ids, [self._empty_past] * (2 * self._layers))
+        self._unpack()
+        return self._run_slot(slot, list(token_ids))[0]
 
-    def decode(self, token_id: int) -> np.ndarray:
-        if self._past is None:
-            raise BackendError("decode called before prefill")
-        return self._run(np.array([[token_id]], dtype=np.int64), self._past)
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+        if any(self._pasts[s] is None and (self._batch is None or s not in self._batch.slots) for s in slots):
+            raise BackendError("decode called on a slot that was not prefilled")
+        for slot in slots:
+            self._check_room(slot, 1)
+        if len(slots) == 1:
+            self._unpack()
+            return self._run_slot(slots[0], [token_ids[0]])
+        if self._batch is None or self._batch.slots != tuple(slots):
+            self._pack(tuple(slots))
+        batch = self._batch
+        width = batch.width + 1
+        mask = np.ones((len(slots), width), dtype=np.int64)
+        for row, slot in enumerate(slots):
+            mask[row, : batch.pad(self._lengths[slot])] = 0
+        positions = np.array([[self._lengths[s]] for s in slots], dtype=np.int64)
+        outputs = self._run(np.asarray(token_ids, dtype=np.int64)[:, None], mask, positions, batch.past)
+        batch.past, batch.width = outputs[1:], width
+        for slot in slots:
+            self._lengths[slot] += 1
+        return outputs[0].numpy()
 
-    def reset(self) -> None:
-        self._past = None
-        self._length = 0
+    def _pack(self, slots: tuple[int, ...]) -> None:
+        """Stack the slots' caches into one left-padded batch: one copy of each cache, no more."""
+        self._unpack()
+        width = max(self._lengths[s] for s in slots)
+        sources = [[_as_array(v) for v in self._pasts[s]] for s in slots]
+        past = []
+        for index in range(len(self._past_names)):
+            first = sources[0][index]
+            stacked = np.zeros((len(slots), first.shape[1], width, first.shape[3]), dtype=first.dtype)
+            for row, cache in enumerate(sources):
+                stacked[row, :, width - cache[index].shape[2] :, :] = cache[index][0]
+            past.append(stacked)
+        for slot in slots:
+            self._pasts[slot] = None  # the batch holds them now: never two copies of a cache
+        self._batch = _Batch(slots, past, width)
+
+    def _unpack(self) -> None:
+        """Give each batched slot its own cache back: views of its row without the left padding."""
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        arrays = [_as_array(value) for value in batch.past]
+        for row, slot in enumerate(batch.slots):
+            pad = batch.pad(self._lengths[slot])
+            self._pasts[slot] = [a[row : row + 1, :, pad:, :] for a in arrays]
+
+    def reset(self, slot: int) -> None:
+        if self._batch is not None and slot in self._batch.slots:
+            self._unpack()
+        self._pasts[slot], self._lengths[slot] = None, 0

@@ -89,8 +89,8 @@ def test_stories260k_builds_and_verifies(stories_artifact):
 
 def test_logits_are_last_position_only(demo_artifact):
     backend = open_backend(open_artifact(demo_artifact))
-    logits = backend.prefill(list(range(3, 303)))
-    assert logits.shape == (backend.vocab_size,) and backend.cached_tokens == 300
+    logits = backend.prefill(0, list(range(3, 303)))
+    assert logits.shape == (backend.vocab_size,) and backend.cached_tokens(0) == 300
     assert np.isfinite(logits).all()
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from llmpack.runtime.engine import Engine, EngineOptions
 from llmpack.runtime.errors import InputTooLong
-from llmpack.runtime.generate import FINISH_LENGTH, FINISH_STOP, TokenStream
+from llmpack.runtime.generate import FINISH_LENGTH, FINISH_STOP
 from llmpack.runtime.protocol import parse_request
 from llmpack.runtime.sampling import SamplingParams
 
@@ -47,8 +47,7 @@ def _hf_greedy(model, ids: list[int], max_new: int, stop_ids) -> list[int]:
 def test_stories_greedy_equals_transformers_generate(stories_engine, reference_model, prompt):
     request = parse_request({"prompt": prompt, "raw": True, "temperature": 0, "max_tokens": 300})
     ids = stories_engine.prompt_ids(request)
-    tokens = TokenStream(stories_engine.backend, ids, 300, GREEDY, stories_engine.stop_ids)
-    ours = list(tokens)
+    ours = list(stories_engine.generate_ids(ids, 300, GREEDY))
     reference = _hf_greedy(reference_model, ids, 300, stories_engine.stop_ids)
     assert ours == reference
     completion = stories_engine.complete(request)
@@ -95,7 +94,7 @@ def test_small_context_artifact_limits_input(stories_engine):
 
 def test_generation_stops_at_the_context_limit(demo_engine):
     ids = [1] + [5] * 2399
-    stream = TokenStream(demo_engine.backend, ids, 5000, GREEDY, stop_ids=())
+    stream = demo_engine.generate_ids(ids, 5000, GREEDY, stop_ids=())
     generated = list(stream)
     assert len(generated) == 3072 - 2400 and stream.finish_reason == FINISH_LENGTH
 
@@ -107,7 +106,7 @@ def _rss_bytes() -> int:
 
 def _rss_growth(engine, start: int, end: int) -> int:
     params, samples = SamplingParams(temperature=0.8, seed=3), {}
-    for count, _ in enumerate(TokenStream(engine.backend, [1, 5, 6], end, params, stop_ids=()), start=1):
+    for count, _ in enumerate(engine.generate_ids([1, 5, 6], end, params, stop_ids=()), start=1):
         if count in (start, end):
             samples[count] = _rss_bytes()
     return samples[end] - samples[start]
@@ -126,8 +125,8 @@ def test_decode_keeps_memory_flat_over_3000_tokens(demo_artifact):
 
 
 def test_backend_reset_after_generation(demo_engine):
-    list(TokenStream(demo_engine.backend, [1, 5, 6], 5, GREEDY, stop_ids=()))
-    assert demo_engine.backend.cached_tokens == 0
+    list(demo_engine.generate_ids([1, 5, 6], 5, GREEDY, stop_ids=()))
+    assert all(demo_engine.backend.cached_tokens(slot) == 0 for slot in range(demo_engine.backend.max_batch))
 
 
 def test_system_prompt_default_override_and_off(demo_artifact):

@@ -1,0 +1,122 @@
+"""Continuous batching: answers under concurrency equal the same requests served alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from llmpack.runtime.engine import Engine, EngineOptions
+from llmpack.runtime.protocol import parse_request
+from llmpack.runtime.sampling import SamplingParams
+
+STORY_PROMPTS = ["Once upon a time", "Tom had a red ball.", "The sun was hot and", "Lily said \"Olé!\" to",
+                 "One day, a big dog", "Sam and Mia", "The bird", "A little girl named Sue went to the park and"]
+
+
+def _requests(prompts, raw: bool):
+    bodies = []
+    for i in range(16):
+        body = {"prompt": prompts[i % len(prompts)] + (" again" if i >= len(prompts) else ""), "raw": raw,
+                "max_tokens": 20 + 9 * (i % 5), "stream": i % 2 == 0}
+        body |= {"temperature": 0} if i % 4 != 3 else {"temperature": 0.9, "seed": 100 + i, "top_k": 20}
+        bodies.append(body)
+    return bodies
+
+
+def _answer(engine: Engine, body: dict) -> str:
+    request = parse_request(body)
+    if request.stream:
+        return "".join(piece for piece in engine.stream(request))
+    return engine.complete(request).text
+
+
+@pytest.mark.parametrize("which", ["stories", "demo"])
+def test_16_concurrent_requests_equal_served_alone(request, which):
+    artifact = request.getfixturevalue(f"{which}_artifact")
+    engine = Engine.load(artifact, EngineOptions(max_batch=8, prefill_chunk=16))
+    bodies = _requests(STORY_PROMPTS, raw=which == "stories")
+    alone = [_answer(engine, body) for body in bodies]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        together = list(pool.map(lambda body: _answer(engine, body), bodies))
+    assert together == alone
+    assert engine.scheduler.active == 0 and engine.scheduler.queue_depth == 0
+    engine.close()
+
+
+def test_batched_decode_logits_match_single_sequence_logits(demo_artifact):
+    engine = Engine.load(demo_artifact, EngineOptions(max_batch=3))
+    backend = engine.backend
+    prompts = [[1, 5, 6, 7], [1, 9], [1, 20, 21, 22, 23, 24, 25]]
+    single = []
+    for prompt in prompts:
+        backend.prefill(0, prompt)
+        single.append(backend.decode([0], [42])[0].copy())
+        backend.reset(0)
+    for slot, prompt in enumerate(prompts):
+        backend.prefill(slot, prompt)
+    batched = backend.decode([0, 1, 2], [42, 42, 42])
+    for row in range(3):
+        np.testing.assert_allclose(batched[row], single[row], rtol=1e-5, atol=1e-5)
+    assert [backend.cached_tokens(s) for s in range(3)] == [5, 3, 8]
+    # the set of slots changes: the batch is unpacked and repacked without slot 1
+    pair = backend.decode([0, 2], [43, 43])
+    for row, prompt in zip((0, 1), (prompts[0], prompts[2])):
+        backend.reset(1)
+        backend.prefill(1, prompt + [42])
+        np.testing.assert_allclose(pair[row], backend.decode([1], [43])[0], rtol=1e-5, atol=1e-5)
+    engine.close()
+
+
+def test_cancelled_stream_frees_its_slot_at_once(demo_artifact):
+    engine = Engine.load(demo_artifact, EngineOptions(max_batch=1))
+    stream = engine.generate_ids([1, 5, 6], 2000, SamplingParams(temperature=0), stop_ids=())
+    iterator = iter(stream)
+    next(iterator)
+    iterator.close()  # the consumer goes away
+    quick = engine.generate_ids([1, 5, 6], 3, SamplingParams(temperature=0), stop_ids=())
+    started = time.monotonic()
+    assert len(list(quick)) == 3 and time.monotonic() - started < 5
+    assert stream.finish_reason == "cancelled"
+    engine.close()
+
+
+def test_long_prefill_does_not_stall_running_decodes(demo_artifact):
+    """While a 2400-token prompt is read in chunks, an already running stream keeps getting tokens."""
+    engine = Engine.load(demo_artifact, EngineOptions(max_batch=2, prefill_chunk=64))
+    greedy = SamplingParams(temperature=0)
+    runner = engine.generate_ids([1, 5, 6], 400, greedy, stop_ids=())
+    arrivals: list[float] = []
+    first_tokens = threading.Event()
+
+    def consume():
+        for _ in runner:
+            arrivals.append(time.monotonic())
+            if len(arrivals) == 5:
+                first_tokens.set()
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    first_tokens.wait(30)
+    long_start = time.monotonic()
+    long_stream = engine.generate_ids([1] + [7] * 2399, 1, greedy, stop_ids=())
+    list(long_stream)
+    long_done = time.monotonic()
+    worker.join(60)
+    during = [t for t in arrivals if long_start <= t <= long_done]
+    assert len(during) >= 10, f"only {len(during)} tokens arrived while the long prompt was prefilled"
+    engine.close()
+
+
+def test_requests_queue_fairly_beyond_max_batch(stories_artifact):
+    engine = Engine.load(stories_artifact, EngineOptions(max_batch=2))
+    greedy = SamplingParams(temperature=0)
+    streams = [engine.generate_ids([1, 400 + i], 30, greedy, stop_ids=()) for i in range(6)]
+    assert engine.scheduler.queue_depth + engine.scheduler.active <= 6
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        lengths = list(pool.map(lambda s: len(list(s)), streams))
+    assert lengths == [30] * 6
+    engine.close()
