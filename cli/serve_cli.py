@@ -52,10 +52,11 @@ def request_options(f):
     return f
 
 
-def load_engine(artifact: Path, threads, system_prompt, no_verify_checksums):
+def load_engine(artifact: Path, threads, system_prompt, no_verify_checksums, max_batch: int = 1):
     from llmpack.runtime.engine import Engine, EngineOptions
 
-    options = EngineOptions(threads=threads, system_prompt=system_prompt, verify_checksums=not no_verify_checksums)
+    options = EngineOptions(threads=threads, system_prompt=system_prompt, verify_checksums=not no_verify_checksums,
+                            max_batch=max_batch)
     return Engine.load(artifact, options)
 
 
@@ -108,3 +109,38 @@ def tokenize(artifact, request, prompt, raw, stream, max_tokens, temperature, se
     parsed = parse_request(read_request(request, overrides))
     ids = load_engine(artifact, threads, system_prompt, no_verify_checksums).prompt_ids(parsed)
     click.echo(json.dumps({"tokens": ids, "count": len(ids)}))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="LLMPACK_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every route but /health and /ready "
+                   "(prefer the env var LLMPACK_API_KEY: a flag shows in the process list).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests that may wait while --max-batch generate; beyond that the server answers 429.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
+              help="Larger request bodies get 413.")
+@click.option("--stream-padding", is_flag=True, help="Add Workers AI's random 'p' padding field to stream events.")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled.")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Requests decoded together in one batched step (continuous batching).")
+@engine_options
+@translate_errors
+def run(artifact, host, port, api_key, max_queue, max_body_bytes, stream_padding, shutdown_timeout, max_batch,
+        threads, system_prompt, no_verify_checksums):
+    """Serve ARTIFACT over HTTP: Workers AI and OpenAI-compatible routes, /health, /ready, /metrics."""
+    import logging
+
+    from llmpack.runtime.server import ServerSettings, create_app
+    from llmpack.runtime.uvicorn_runner import serve  # imports uvicorn; fastapi comes with server
+
+    engine = load_engine(artifact, threads, system_prompt, no_verify_checksums, max_batch)
+    settings = ServerSettings(api_key=api_key or None, max_queue=max_queue, max_body_bytes=max_body_bytes,
+                              stream_padding=stream_padding, shutdown_timeout_s=shutdown_timeout)
+    app = create_app(engine, settings)
+    description = f"model {engine.model_name} (as {' or '.join(app.state.llm.models)})"
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    serve(app, host, port, description, shutdown_timeout, verbose)

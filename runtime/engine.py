@@ -55,6 +55,11 @@ class Engine:
         return cls(artifact, backend, tokenizer, system, options.prefill_chunk)
 
     @property
+    def max_batch(self) -> int:
+        """How many requests the engine decodes together."""
+        return self.backend.max_batch
+
+    @property
     def model_name(self) -> str:
         return self.artifact.manifest.name
 

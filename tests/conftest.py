@@ -142,3 +142,13 @@ def demo_server(demo_artifact, tmp_path_factory):
                            env={"LLMPACK_API_KEY": SERVER_API_KEY})
     yield server
     assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope="session")
+def demo_http(demo_server):
+    """An HTTP client for demo_server that sends its API key."""
+    import httpx
+    from serving import AUTH
+
+    with httpx.Client(base_url=demo_server.base, headers=AUTH, timeout=60) as client:
+        yield client

@@ -1,0 +1,183 @@
+"""Serving stage 4 (OpenAI side): /v1/chat/completions, /v1/completions and /v1/models over the same engine.
+
+An OpenAI body is checked against the schema the OpenAPI document shows, mapped onto a Workers AI
+body and validated by protocol.parse_request like any other request, so both APIs share one set of
+rules. `stop` strings are cut here: the engine knows only stop ids.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import jsonschema
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from llmpack.runtime import openapi_doc as doc
+from llmpack.runtime.errors import InvalidRequest, LlmpackError
+from llmpack.runtime.http_edge import json_response, read_json
+from llmpack.runtime.protocol import SSE_DONE, Usage, parse_request, sse_event
+from llmpack.runtime.scheduler import Finished
+from llmpack.runtime.streaming import EventStreamResponse, Generation, StopFilter, error_event
+
+_SAMPLING = tuple(doc.SAMPLING_PROPERTIES)
+_CHAT_VALIDATOR = jsonschema.Draft202012Validator(doc.CHAT_REQUEST_SCHEMA)
+_COMPLETION_VALIDATOR = jsonschema.Draft202012Validator(doc.COMPLETION_REQUEST_SCHEMA)
+
+
+def check_body(body: object, validator: jsonschema.Draft202012Validator) -> dict:
+    """Raise InvalidRequest naming the field and the rule the body breaks."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    error = jsonschema.exceptions.best_match(validator.iter_errors(body))
+    if error is not None:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+        raise InvalidRequest(f"{where or 'request'}: {error.message}")
+    return body
+
+
+def to_workers_body(body: dict, chat: bool) -> dict:
+    """The Workers AI body that asks the engine for what this OpenAI body asks for."""
+    out = {name: body[name] for name in _SAMPLING if body.get(name) is not None}
+    max_tokens = body.get("max_completion_tokens") if chat else None
+    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
+    if max_tokens is not None:
+        out["max_tokens"] = max_tokens
+    if body.get("stream") is not None:
+        out["stream"] = body["stream"]
+    if chat:
+        out["messages"] = [{"role": "system" if m["role"] == "developer" else m["role"], "content": _text(m["content"])}
+                           for m in body["messages"]]
+    else:
+        # A completion continues the text as given: no chat template around it.
+        prompt = body["prompt"]
+        out["prompt"], out["raw"] = (prompt if isinstance(prompt, str) else prompt[0]), True
+    return out
+
+
+def _text(content: str | list) -> str:
+    return content if isinstance(content, str) else "".join(part["text"] for part in content)
+
+
+class Reply:
+    """Builds the response objects of one chat or text completion (same id across its chunks)."""
+
+    def __init__(self, chat: bool, model: str):
+        self.chat = chat
+        self.model = model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+
+    def _object(self, kind: str, choices: list) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def full(self, text: str, finish: str, usage: Usage) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"index": 0, "text": text}
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**self._object(kind, [{**choice, "logprobs": None, "finish_reason": finish}]),
+                "usage": usage.as_dict()}
+
+    def chunk(self, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant"} if role else {}
+            choice = {"index": 0, "delta": delta if text is None else {**delta, "content": text}}
+        else:
+            choice = {"index": 0, "text": text or ""}
+        return self._object(self._chunk_kind, [{**choice, "logprobs": None, "finish_reason": finish}])
+
+    def usage_chunk(self, usage: Usage) -> dict:
+        return {**self._object(self._chunk_kind, []), "usage": usage.as_dict()}
+
+    @property
+    def _chunk_kind(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+
+def _finish(stops: StopFilter, finished: Finished) -> str:
+    return "stop" if stops.stopped else finished.finish_reason
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _complete(request, chat=True)
+
+
+async def completions(request: Request) -> Response:
+    return await _complete(request, chat=False)
+
+
+async def _complete(request: Request, chat: bool) -> Response:
+    state = request.app.state.llm
+    body = check_body(await read_json(request, state.settings.max_body_bytes),
+                      _CHAT_VALIDATOR if chat else _COMPLETION_VALIDATOR)
+    state.check_model(body["model"])
+    parsed = parse_request(to_workers_body(body, chat))
+    await state.prompt_ids(parsed)
+    stop = body.get("stop")
+    stops = StopFilter([stop] if isinstance(stop, str) else stop or ())
+    generation = await state.admit(request, parsed)
+    reply = Reply(chat, body["model"])
+    if parsed.stream:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return EventStreamResponse(generation, _events(generation, reply, stops, include_usage, request.url.path))
+    try:
+        text = await _collect(generation, stops)
+    finally:
+        generation.close()
+    return json_response(reply.full(text, _finish(stops, generation.finished), generation.finished.usage))
+
+
+async def _collect(generation: Generation, stops: StopFilter) -> str:
+    parts = []
+    async for piece in generation.pieces():
+        parts.append(stops.feed(piece))
+        if stops.stopped:
+            generation.stop()  # keep reading: the usage comes with the last event
+    return "".join(parts) + stops.flush()
+
+
+async def _events(generation: Generation, reply: Reply, stops: StopFilter, include_usage: bool, path: str):
+    """OpenAI's stream: a role chunk (chat), text chunks, a finish chunk, [usage chunk], [DONE]."""
+    try:
+        if reply.chat:
+            yield sse_event(reply.chunk("", role=True))
+        async for piece in generation.pieces():
+            text = stops.feed(piece)
+            if text:
+                yield sse_event(reply.chunk(text))
+            if stops.stopped:
+                generation.stop()
+    except LlmpackError as exc:
+        yield error_event(path, exc)
+        return
+    tail = stops.flush()
+    if tail:
+        yield sse_event(reply.chunk(tail))
+    yield sse_event(reply.chunk(finish=_finish(stops, generation.finished)))
+    if include_usage:
+        yield sse_event(reply.usage_chunk(generation.finished.usage))
+    yield SSE_DONE
+
+
+async def list_models(request: Request) -> Response:
+    state = request.app.state.llm
+    data = [{"id": name, "object": "model", "created": state.started_at, "owned_by": "llmpack"}
+            for name in state.models]
+    return json_response({"object": "list", "data": data})
+
+
+def add_routes(app: FastAPI) -> None:
+    errors = doc.error_responses(openai=True)
+    chat = {"type": "object", "properties": {"choices": {"type": "array"}, "usage": {"type": "object"}}}
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"],
+                      openapi_extra=doc.request_body(doc.CHAT_REQUEST_SCHEMA),
+                      responses={**doc.success_response(chat, streams=True), **errors})
+    app.add_api_route("/v1/completions", completions, methods=["POST"],
+                      openapi_extra=doc.request_body(doc.COMPLETION_REQUEST_SCHEMA),
+                      responses={**doc.success_response(chat, streams=True), **errors})
+    models = {"type": "object", "properties": {"object": {"const": "list"}, "data": {"type": "array"}}}
+    app.add_api_route("/v1/models", list_models, methods=["GET"],
+                      responses={**doc.success_response(models, streams=False), **doc.error_responses(True, (401,))})

@@ -1,0 +1,233 @@
+"""Serving stage 4: the FastAPI app — Workers AI routes, probes and metrics over the engine.
+
+Thin on purpose: each route is parse (protocol) → admit (scheduler) → wire format (protocol), and
+all generation behaviour comes from the engine. The OpenAI-compatible routes live in openai_api.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse, Response
+
+from llmpack.runtime import openapi_doc as doc
+from llmpack.runtime import openai_api
+from llmpack.runtime.errors import LlmpackError
+from llmpack.runtime.http_edge import (ApiKeyMiddleware, MetricsMiddleware, UnknownModel, install_error_handlers,
+                                       json_response, read_json)
+from llmpack.runtime.metrics import CONTENT_TYPE, Metrics
+from llmpack.runtime.protocol import (MODEL_NAME, SSE_DONE, GenerationRequest, completion_json, parse_request,
+                                      sse_event, sse_usage_event)
+from llmpack.runtime.scheduler import Scheduler
+from llmpack.runtime.streaming import EventStreamResponse, Generation, admit, error_event
+
+log = logging.getLogger("llmpack.server")
+
+# A tiny raw generation: it runs prefill and decode once, so the first real request pays no warm-up.
+WARMUP_BODY = {"prompt": "Hello", "raw": True, "max_tokens": 2, "temperature": 0}
+_PADDING = "abcdefghijklmnopqrstuvwxyz0123456789" * 2
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    api_key: str | None = None
+    max_queue: int = 64  # requests that may wait while the batch is full; more get 429
+    max_body_bytes: int = 1 << 20
+    stream_padding: bool = False  # Workers AI's random "p" field against token-length side channels
+    retry_after_s: int = 1
+    shutdown_timeout_s: float = 10.0
+    warmup: bool = True
+
+
+class ServerState:
+    """What the routes share: the engine, its scheduler, the metrics and readiness."""
+
+    def __init__(self, engine, settings: ServerSettings):
+        self.engine = engine
+        self.settings = settings
+        self.metrics = Metrics()
+        # One worker per batch slot: the engine decodes all of them together in one step.
+        self.scheduler = Scheduler(engine, settings.max_queue, self.metrics, concurrency=engine.max_batch)
+        # The Workers AI id first: it is what existing clients ask for.
+        self.models = tuple(dict.fromkeys((MODEL_NAME, engine.model_name)))
+        self.started_at = int(time.time())
+        self.ready = False
+        self.not_ready_reason = "the warm-up generation has not finished"
+
+    def check_model(self, model: str) -> None:
+        if model not in self.models:
+            raise UnknownModel(f"no such model {model!r}; this server runs {' or '.join(self.models)}")
+
+    async def read_request(self, request: Request) -> GenerationRequest:
+        """Body → validated request whose prompt fits the input limit (400 / 3030 before it queues)."""
+        parsed = parse_request(await read_json(request, self.settings.max_body_bytes))
+        await self.prompt_ids(parsed)
+        return parsed
+
+    async def prompt_ids(self, parsed: GenerationRequest) -> list[int]:
+        # Tokenizing a long conversation takes a while: keep it off the event loop.
+        return await run_in_threadpool(self.engine.prompt_ids, parsed)
+
+    async def admit(self, request: Request, parsed: GenerationRequest) -> Generation:
+        return await admit(self.scheduler, request, parsed)
+
+    async def warm_up(self) -> None:
+        try:
+            generation = await admit(self.scheduler, _NoClient(), parse_request(WARMUP_BODY))
+            try:
+                await generation.text()
+            finally:
+                generation.close()
+        except LlmpackError as exc:
+            self.not_ready_reason = f"the warm-up generation failed: {exc.message}"
+            log.error("%s; /ready stays false", self.not_ready_reason)
+            return
+        self.ready = True
+        log.debug("warm-up generation done; ready")
+
+
+class _NoClient:
+    """The warm-up's stand-in for an HTTP request: a client that never disconnects."""
+
+    async def receive(self) -> dict:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.llm
+
+
+# --- Workers AI routes ---------------------------------------------------------------------------
+
+
+async def run_model(request: Request, model: str) -> Response:
+    """Workers AI binding shape: {"response", "usage"}, or the event stream when stream is true."""
+    return await _run(request, model, envelope=False)
+
+
+async def run_model_rest(request: Request, account_id: str, model: str) -> Response:
+    """Workers AI REST shape: the answer inside {"result", "success", "errors", "messages"}; streams as is."""
+    return await _run(request, model, envelope=True)
+
+
+async def _run(request: Request, model: str, envelope: bool) -> Response:
+    state = state_of(request)
+    state.check_model(model)
+    parsed = await state.read_request(request)
+    generation = await state.admit(request, parsed)
+    if parsed.stream:
+        return EventStreamResponse(generation, _workers_events(generation, request.url.path,
+                                                               state.settings.stream_padding))
+    try:
+        text = await generation.text()
+    finally:
+        generation.close()
+    payload = completion_json(text, generation.finished.usage)
+    return json_response({"result": payload, "success": True, "errors": [], "messages": []} if envelope else payload)
+
+
+async def _workers_events(generation: Generation, path: str, padding: bool):
+    """Workers AI's exact stream: one event per piece, the usage event, then [DONE]."""
+    try:
+        async for piece in generation.pieces():
+            yield sse_event(_padded({"response": piece}) if padding else {"response": piece})
+    except LlmpackError as exc:
+        yield error_event(path, exc)
+        return
+    usage = generation.finished.usage
+    yield sse_event(_padded({"response": "", "usage": usage.as_dict()})) if padding else sse_usage_event(usage)
+    yield SSE_DONE
+
+
+def _padded(payload: dict) -> dict:
+    # Random length, so the size of an event no longer tells an observer the length of its token.
+    return {**payload, "p": _PADDING[: secrets.randbelow(len(_PADDING) + 1)]}
+
+
+async def tokenize(request: Request) -> Response:
+    """The ids the model would be fed for this body, as `llm-serve tokenize` prints them."""
+    state = state_of(request)
+    ids = await state.prompt_ids(parse_request(await read_json(request, state.settings.max_body_bytes)))
+    return json_response({"tokens": ids, "count": len(ids)})
+
+
+# --- probes and metrics ----------------------------------------------------------------------------
+
+
+async def health() -> Response:
+    return json_response({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    state = state_of(request)
+    if state.ready:
+        return json_response({"ready": True, "models": list(state.models)})
+    return json_response({"ready": False, "reason": state.not_ready_reason}, status=503)
+
+
+async def metrics(request: Request) -> Response:
+    return PlainTextResponse(state_of(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+# --- the app ------------------------------------------------------------------------------------------
+
+
+def create_app(engine, settings: ServerSettings = ServerSettings()) -> FastAPI:
+    """The ASGI app over a loaded engine; the lifespan starts the worker and the warm-up."""
+    state = ServerState(engine, settings)
+    app = FastAPI(
+        title="llmpack",
+        summary=f"{engine.model_name} behind the Workers AI schema of {MODEL_NAME}, plus OpenAI-compatible routes",
+        lifespan=_lifespan,
+        redoc_url=None,
+        middleware=[Middleware(MetricsMiddleware, metrics=state.metrics),
+                    Middleware(ApiKeyMiddleware, api_key=settings.api_key)],
+    )
+    app.state.llm = state
+    install_error_handlers(app, settings.retry_after_s)
+    _add_workers_routes(app)
+    openai_api.add_routes(app)
+    return app
+
+
+def _add_workers_routes(app: FastAPI) -> None:
+    body = doc.request_body(doc.workers_input_schema())
+    answer = {"type": "object", "properties": {"response": {"type": "string"}, "usage": {"type": "object"}}}
+    envelope = {"type": "object", "properties": {"result": answer, "success": {"const": True},
+                                                 "errors": {"type": "array"}, "messages": {"type": "array"}}}
+    app.add_api_route("/ai/run/{model:path}", run_model, methods=["POST"], openapi_extra=body,
+                      responses={**doc.success_response(answer, streams=True), **doc.error_responses(False)})
+    app.add_api_route("/client/v4/accounts/{account_id}/ai/run/{model:path}", run_model_rest, methods=["POST"],
+                      openapi_extra=body,
+                      responses={**doc.success_response(envelope, streams=True), **doc.error_responses(False)})
+    tokens = {"type": "object", "properties": {"tokens": {"type": "array", "items": {"type": "integer"}},
+                                               "count": {"type": "integer"}}}
+    app.add_api_route("/tokenize", tokenize, methods=["POST"], openapi_extra=body,
+                      responses={**doc.success_response(tokens, streams=False),
+                                 **doc.error_responses(False, (400, 401, 413, 415))})
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/ready", ready, methods=["GET"], responses={503: {"description": "Not ready yet"}})
+    app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    state: ServerState = app.state.llm
+    state.scheduler.start()
+    warm_up = asyncio.create_task(state.warm_up()) if state.settings.warmup else None
+    if warm_up is None:
+        state.ready = True
+    yield
+    if warm_up is not None:
+        warm_up.cancel()
+    # Cancels what is still queued or running and joins the worker, off the loop.
+    await run_in_threadpool(state.scheduler.close, state.settings.shutdown_timeout_s)

@@ -1,0 +1,126 @@
+"""The OpenAI-compatible routes through the official `openai` client, against the real server process."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from serving import RUN, SERVER_API_KEY, WORKERS_MODEL, parse_sse
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a llama."}]
+
+
+@pytest.fixture(scope="module")
+def client(demo_server):
+    with openai.OpenAI(base_url=demo_server.base + "/v1", api_key=SERVER_API_KEY, max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def workers(demo_http):
+    return lambda body: demo_http.post(RUN, json=body).json()
+
+
+def test_models_lists_both_names(client):
+    assert [model.id for model in client.models.list()] == [WORKERS_MODEL, "demo"]
+
+
+def test_chat_stream_equals_the_json_answer_and_the_workers_answer(client, workers):
+    answer = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=10, temperature=0)
+    assert answer.object == "chat.completion" and answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(model=WORKERS_MODEL, messages=CHAT, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert len({chunk.id for chunk in chunks}) == 1
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert streamed == answer.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.model_dump() == answer.usage.model_dump()
+    # The same engine and template behind both APIs: the Workers AI route gives the same text.
+    expected = workers({"messages": CHAT, "max_tokens": 10, "temperature": 0})
+    got = (answer.choices[0].message.content, answer.usage.model_dump(exclude_none=True))
+    assert got == (expected["response"], expected["usage"])
+
+
+def test_completion_is_the_raw_prompt_continued(client, workers):
+    answer = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=10, temperature=0)
+    expected = workers({"prompt": "Once upon a time", "raw": True, "max_tokens": 10, "temperature": 0})
+    assert answer.choices[0].text == expected["response"]
+    assert answer.usage.completion_tokens == 10
+    streamed = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=10, temperature=0,
+                                         stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == expected["response"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_cut_the_answer_before_the_stop(client, stream):
+    full = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=24, temperature=0)
+    text = full.choices[0].text
+    stop = text[8:11]  # a stretch from the middle of the greedy answer
+    expected = text[: text.index(stop)]
+    kwargs = dict(model="demo", prompt="Once upon a time", max_tokens=24, temperature=0, stop=[stop, "\u2603never"])
+    if stream:
+        chunks = list(client.completions.create(**kwargs, stream=True))
+        got, finish = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+    else:
+        answer = client.completions.create(**kwargs)
+        got, finish = answer.choices[0].text, answer.choices[0].finish_reason
+        assert answer.usage.completion_tokens < 24  # generation stopped early, not just the text
+    assert (got, finish) == (expected, "stop")
+
+
+def test_seed_makes_sampling_repeatable(client):
+    def sample(seed):
+        answer = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=16, temperature=1.0,
+                                                top_p=0.9, seed=seed)
+        return answer.choices[0].message.content
+
+    assert sample(7) == sample(7)
+    assert len({sample(7), sample(8), sample(9)}) > 1
+
+
+def test_developer_role_and_text_parts_are_accepted(client, workers):
+    messages = [{"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Name "}, {"type": "text", "text": "a llama."}]}]
+    answer = client.chat.completions.create(model="demo", messages=messages, max_tokens=6, temperature=0)
+    expected = workers({"messages": CHAT, "max_tokens": 6, "temperature": 0})
+    assert answer.choices[0].message.content == expected["response"]
+
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    (dict(model="gpt-4o"), openai.NotFoundError, "no such model 'gpt-4o'"),
+    (dict(temperature=9), openai.BadRequestError, "temperature"),
+    (dict(max_tokens=0), openai.BadRequestError, "max_tokens"),
+    (dict(n=2), openai.BadRequestError, "n:"),
+    (dict(messages=[]), openai.BadRequestError, "messages"),
+    (dict(messages=[{"role": "tool", "content": "x"}]), openai.BadRequestError, "messages[0].role"),
+    (dict(messages=[{"role": "assistant", "content": "x"}]), openai.BadRequestError, "messages[0].role"),
+    (dict(stop=5), openai.BadRequestError, "stop"),
+])
+def test_bad_requests_raise_the_matching_openai_error(client, kwargs, error, words):
+    with pytest.raises(error) as raised:
+        client.chat.completions.create(**{"model": "demo", "messages": CHAT, **kwargs})
+    assert words in raised.value.message
+
+
+def test_a_wrong_key_raises_authentication_error(demo_server):
+    with openai.OpenAI(base_url=demo_server.base + "/v1", api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+
+
+@pytest.mark.parametrize("kwargs,status", [({"content": b"{", "headers": {"Content-Type": "application/json"}}, 400),
+                                           ({"content": b"{}", "headers": {"Content-Type": "text/xml"}}, 415),
+                                           ({"content": b'{"x": "' + b"a" * 70000 + b'"}'}, 413)])
+def test_malformed_openai_bodies_get_openai_shaped_errors(demo_http, kwargs, status):
+    response = demo_http.post("/v1/chat/completions", **kwargs)
+    assert response.status_code == status
+    assert set(response.json()) == {"error"} and response.json()["error"]["message"]
+
+
+def test_raw_stream_is_openai_framing(demo_http):
+    body = {"model": "demo", "messages": CHAT, "max_tokens": 4, "temperature": 0, "stream": True}
+    response = demo_http.post("/v1/chat/completions", json=body)
+    chunks, done = parse_sse(response.content)
+    assert done and chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert "usage" not in chunks[-1]  # only with stream_options.include_usage
