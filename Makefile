@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmpack-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test export-7b-shape bench-model bench-decode-paths clean
+.PHONY: install demo test export-7b-shape bench-model bench-decode-paths bench-serve gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ bench-model: install
 
 bench-decode-paths: bench-model
 	$(BIN)/python bench/decode_paths.py artifacts/bench-110m
+
+bench-serve: bench-model
+	$(BIN)/python bench/serve_bench.py artifacts/bench-110m
+
+# On a machine with an NVIDIA GPU, TensorRT and onnxruntime-gpu (see README, GPU): engines for the demo and
+# stories260k models, parity of each backend with the CPU reference, TTFT, tokens/s and GPU memory.
+# Anywhere else it exits 2 with one line saying what is missing.
+gpu-check: install
+	$(BIN)/python bench/gpu_check.py
 
 clean:
 	rm -rf artifacts build dist *.egg-info

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from llmpack.runtime import manifest as names
+from llmpack.runtime.kv_batch import KVBatch
 from llmpack.runtime.errors import ArtifactError, BackendError
 from llmpack.runtime.manifest import BuildManifest
 
@@ -69,29 +69,12 @@ def create_session(model_path: Path, threads: int | None = None):
         raise ArtifactError(f"ONNX Runtime cannot load {model_path} ({exc}); rebuild the artifact") from exc
 
 
-def _as_array(value) -> np.ndarray:
-    """A numpy view of an OrtValue (no copy) or the array itself."""
-    return value if isinstance(value, np.ndarray) else value.numpy()
-
-
-@dataclass
-class _Batch:
-    """The KV caches of several slots stacked into one left-padded batch, kept across steps."""
-
-    slots: tuple[int, ...]
-    past: list  # per layer k/v: OrtValue [batch, kv_heads, width, head_dim]
-    width: int  # padded past length shared by every row
-
-    def pad(self, length: int) -> int:
-        return self.width - length
-
-
 class OrtBackend:
     """Slots of sequences on ONNX Runtime's CPU provider; batched decode over left-padded caches.
 
     Each slot keeps its own cache (OrtValues, never copied between steps). A batched decode stacks
     the listed slots into one left-padded batch once, then keeps feeding the batch's `present`
-    back as `past`; the batch is unpacked only when the set of slots changes.
+    back as `past`; it is restacked only when a sequence joins (see kv_batch.py).
     """
 
     name = "onnxruntime-cpu"
@@ -111,7 +94,7 @@ class OrtBackend:
         self._empty_past = np.zeros((1, c.num_kv_heads, 0, c.head_dim), dtype=manifest.kv_dtype)
         self._pasts: list[list | None] = [None] * max_batch
         self._lengths = [0] * max_batch
-        self._batch: _Batch | None = None
+        self._batch: KVBatch | None = None
 
     def cached_tokens(self, slot: int) -> int:
         return self._lengths[slot]
@@ -153,58 +136,51 @@ class OrtBackend:
     def prefill(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
         if not token_ids:
             raise BackendError("prefill needs at least one token")
-        self._unpack()
+        if self._batch is not None and slot in self._batch.live:
+            self._take_back(slot)
         return self._run_slot(slot, list(token_ids))[0]
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
-        if any(self._pasts[s] is None and (self._batch is None or s not in self._batch.slots) for s in slots):
-            raise BackendError("decode called on a slot that was not prefilled")
-        for slot in slots:
-            self._check_room(slot, 1)
-        if len(slots) == 1:
-            self._unpack()
-            return self._run_slot(slots[0], [token_ids[0]])
-        if self._batch is None or self._batch.slots != tuple(slots):
-            self._pack(tuple(slots))
         batch = self._batch
-        width = batch.width + 1
-        mask = np.ones((len(slots), width), dtype=np.int64)
-        for row, slot in enumerate(slots):
-            mask[row, : batch.pad(self._lengths[slot])] = 0
-        positions = np.array([[self._lengths[s]] for s in slots], dtype=np.int64)
-        outputs = self._run(np.asarray(token_ids, dtype=np.int64)[:, None], mask, positions, batch.past)
-        batch.past, batch.width = outputs[1:], width
+        in_batch = batch.live if batch is not None else set()
+        for slot in slots:
+            if self._pasts[slot] is None and slot not in in_batch:
+                raise BackendError(f"decode called on slot {slot}, which was not prefilled")
+            self._check_room(slot, 1)
+        if len(slots) == 1 and slots[0] not in in_batch:
+            return self._run_slot(slots[0], [token_ids[0]])
+        if set(slots) != in_batch or batch.dead > len(in_batch):
+            batch = self._restack(slots)
+        ids, mask, positions = batch.step_inputs(dict(zip(slots, token_ids)))
+        outputs = self._run(ids, mask, positions, batch.past)
+        batch.advance(outputs[1:])
         for slot in slots:
             self._lengths[slot] += 1
-        return outputs[0].numpy()
+        return outputs[0].numpy()[batch.rows_of(slots)]
 
-    def _pack(self, slots: tuple[int, ...]) -> None:
-        """Stack the slots' caches into one left-padded batch: one copy of each cache, no more."""
-        self._unpack()
-        width = max(self._lengths[s] for s in slots)
-        sources = [[_as_array(v) for v in self._pasts[s]] for s in slots]
-        past = []
-        for index in range(len(self._past_names)):
-            first = sources[0][index]
-            stacked = np.zeros((len(slots), first.shape[1], width, first.shape[3]), dtype=first.dtype)
-            for row, cache in enumerate(sources):
-                stacked[row, :, width - cache[index].shape[2] :, :] = cache[index][0]
-            past.append(stacked)
+    def _restack(self, slots: Sequence[int]) -> KVBatch:
+        """A new batch of exactly these slots: one copy of each live cache, dead rows dropped."""
+        old = self._batch
+        caches = [old.row_cache(s) if old is not None and s in old.live else self._pasts[s] for s in slots]
+        self._batch = KVBatch.stack(slots, caches)
         for slot in slots:
             self._pasts[slot] = None  # the batch holds them now: never two copies of a cache
-        self._batch = _Batch(slots, past, width)
+        if old is not None:
+            for slot in old.live - set(slots):
+                self._pasts[slot] = old.row_cache(slot)
+        return self._batch
 
-    def _unpack(self) -> None:
-        """Give each batched slot its own cache back: views of its row without the left padding."""
-        batch, self._batch = self._batch, None
-        if batch is None:
-            return
-        arrays = [_as_array(value) for value in batch.past]
-        for row, slot in enumerate(batch.slots):
-            pad = batch.pad(self._lengths[slot])
-            self._pasts[slot] = [a[row : row + 1, :, pad:, :] for a in arrays]
+    def _take_back(self, slot: int) -> None:
+        """Give a batched slot its own cache again (a view of its row) and make its row dead."""
+        self._pasts[slot] = self._batch.row_cache(slot)
+        self._drop(slot)
+
+    def _drop(self, slot: int) -> None:
+        self._batch.drop(slot)
+        if not self._batch.live:
+            self._batch = None
 
     def reset(self, slot: int) -> None:
-        if self._batch is not None and slot in self._batch.slots:
-            self._unpack()
+        if self._batch is not None and slot in self._batch.live:
+            self._drop(slot)  # the row stays, dead, until the next sequence joins: leaving costs nothing
         self._pasts[slot], self._lengths[slot] = None, 0

@@ -120,3 +120,35 @@ def test_requests_queue_fairly_beyond_max_batch(stories_artifact):
         lengths = list(pool.map(lambda s: len(list(s)), streams))
     assert lengths == [30] * 6
     engine.close()
+
+
+def test_leaving_keeps_a_dead_row_and_joining_restacks(demo_artifact):
+    """A reset slot's row stays (dead) without any copy; later steps of the others stay exact."""
+    engine = Engine.load(demo_artifact, EngineOptions(max_batch=3))
+    backend = engine.backend
+    prompts = {0: [1, 5, 6, 7], 1: [1, 9], 2: [1, 20, 21, 22, 23]}
+
+    def alone(prompt, tokens):
+        backend.reset(1)
+        backend.prefill(1, prompt)
+        for token in tokens[:-1]:
+            backend.decode([1], [token])
+        logits = backend.decode([1], [tokens[-1]])[0].copy()
+        backend.reset(1)
+        return logits
+
+    for slot, prompt in prompts.items():
+        backend.prefill(slot, prompt)
+    backend.decode([0, 1, 2], [42, 42, 42])
+    backend.reset(1)
+    batch = backend._batch
+    after_leave = backend.decode([0, 2], [43, 43])
+    assert backend._batch is batch and batch.dead == 1, "a leave must not restack"
+    backend.prefill(1, [1, 30, 31])  # a newcomer in the freed slot joins: one restack, dead row dropped
+    joined = backend.decode([0, 1, 2], [44, 50, 44])
+    assert backend._batch is not batch and backend._batch.dead == 0
+    reference = {0: alone(prompts[0], [42, 43]), 2: alone(prompts[2], [42, 43])}
+    for row, slot in enumerate((0, 2)):
+        np.testing.assert_allclose(after_leave[row], reference[slot], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(joined[0], alone(prompts[0], [42, 43, 44]), rtol=1e-5, atol=1e-5)
+    engine.close()

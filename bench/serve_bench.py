@@ -1,0 +1,123 @@
+"""Benchmark: the HTTP server under 1, 4, 8 and 16 concurrent streaming clients (continuous batching).
+
+Starts `llm-serve run` on the artifact, sends fixed raw prompts with greedy decoding and a fixed
+number of new tokens, and measures aggregate generated tokens/s, time to first token and the gap
+between stream events (inter-token latency) per concurrency. Writes bench/results/serve-<date>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import header  # noqa: E402
+
+PROMPT = ("Once upon a time, in a small town by the sea, there lived a girl who loved to read books about "
+          "ships, stars and faraway places. Every evening she sat by the window and")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(artifact: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    serve = Path(sys.executable).with_name("llm-serve")
+    proc = subprocess.Popen([str(serve), "run", str(artifact), "--port", str(port), "--max-batch", str(max_batch),
+                             "--threads", str(threads), "--no-verify-checksums"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "LLMPACK_API_KEY": ""})
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(base + "/ready", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("the server did not become ready in 60 s")
+
+
+def one_request(base: str, new_tokens: int) -> dict:
+    body = {"prompt": PROMPT, "raw": True, "stream": True, "max_tokens": new_tokens, "temperature": 0}
+    start, stamps, usage = time.perf_counter(), [], None
+    with httpx.stream("POST", base + "/ai/run/@cf/meta/llama-2-7b-chat-fp16", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            elif event.get("response"):
+                stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"ttft": stamps[0] - start, "gaps": gaps, "tokens": usage["completion_tokens"]}
+
+
+def run_level(base: str, clients: int, requests_per_client: int, new_tokens: int) -> dict:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        jobs = [pool.submit(lambda: [one_request(base, new_tokens) for _ in range(requests_per_client)])
+                for _ in range(clients)]
+        results = [r for job in jobs for r in job.result()]
+    wall = time.perf_counter() - start
+    gaps = sorted(g for r in results for g in r["gaps"])
+    ttfts = sorted(r["ttft"] for r in results)
+
+    def pct(values, q):
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    return {"clients": clients, "requests": len(results), "tok_s": sum(r["tokens"] for r in results) / wall,
+            "ttft_p50": statistics.median(ttfts), "ttft_p99": pct(ttfts, 0.99),
+            "itl_p50": statistics.median(gaps), "itl_p99": pct(gaps, 0.99)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--levels", default="1,4,8,16")
+    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    proc, base = start_server(args.artifact, args.max_batch, args.threads)
+    try:
+        one_request(base, 8)  # warm-up
+        rows = [run_level(base, int(n), args.requests_per_client, args.new_tokens) for n in args.levels.split(",")]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    single = rows[0]
+    lines = [header("llm-serve under concurrent streaming clients", "onnxruntime", "numpy", "uvicorn"),
+             f"artifact `{args.artifact.name}`, raw prompt of {len(PROMPT)} characters, {args.new_tokens} new tokens "
+             f"(greedy), {args.requests_per_client} requests per client, --max-batch {args.max_batch}, "
+             f"--threads {args.threads}, load before the run: {os.getloadavg()[0]:.2f}", "",
+             "| clients | generated tok/s | × single | TTFT p50 / p99 ms | inter-token p50 / p99 ms | p99 ITL × single |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['clients']} | {row['tok_s']:.1f} | {row['tok_s'] / single['tok_s']:.2f} | "
+                     f"{1000 * row['ttft_p50']:.0f} / {1000 * row['ttft_p99']:.0f} | "
+                     f"{1000 * row['itl_p50']:.1f} / {1000 * row['itl_p99']:.1f} | "
+                     f"{row['itl_p99'] / single['itl_p99']:.2f} |")
+    out = Path(__file__).resolve().parent / "results" / f"serve-{dt.date.today().isoformat()}.md"
+    out.write_text("\n".join(lines) + "\n")
+    sys.stdout.write("\n".join(lines) + f"\n\nwritten to {out}\n")
+
+
+if __name__ == "__main__":
+    main()
