@@ -4,8 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmpack-installed
 PYTEST_ARGS ?=
+FUZZ_EXAMPLES ?= 300
+FUZZ_SEED ?=
+SOAK_SECONDS ?= 180
 
-.PHONY: install demo test export-7b-shape bench-model bench-decode-paths bench-serve gpu-check clean
+.PHONY: install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve gpu-check clean bench bench-variants bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +26,18 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The API fuzzed longer than the default suite does: schemathesis over the server's /openapi.json,
+# FUZZ_EXAMPLES cases per route and phase, a fresh seed unless FUZZ_SEED is given (the output names it).
+fuzz: install
+	LLMPACK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) LLMPACK_FUZZ_SEED=$(FUZZ_SEED) \
+	    $(BIN)/python -m pytest -q -s tests/test_hostile_api.py -k schemathesis
+
+# Mixed traffic against the demo artifact for SOAK_SECONDS (loopback only, self-terminating); exit 1 on a
+# failed criterion. Writes bench/results/soak-DATE.md.
+soak: install
+	$(BIN)/llm-export build --model demo --out artifacts/demo
+	$(BIN)/python bench/soak.py artifacts/demo --duration $(SOAK_SECONDS)
 
 # The real size: random weights in the exact Llama-2-7b-chat shape, exported in fp16 (needs ~14 GB disk).
 export-7b-shape: install
@@ -48,6 +63,39 @@ bench-serve: bench-model
 # Anywhere else it exits 2 with one line saying what is missing.
 gpu-check: install
 	$(BIN)/python bench/gpu_check.py
+
+# `make bench`: llmpack (standard and ort-fused graphs, fp32/int8/int4) and its peers on bench-110m, each in
+# its own process, alternating over 5 rounds; writes bench/results/<date>.md (README "Performance on CPU").
+SRC_110M := artifacts/.sources/stories110m-shape
+PEERS := artifacts/.peers
+GENAI := $(PEERS)/genai/bin/python
+
+bench-variants: bench-model
+	$(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-fp32 --graph ort-fused
+	for q in int8 int4; do \
+	    $(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-std-$$q --quant $$q && \
+	    $(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-$$q --graph ort-fused --quant $$q \
+	    || exit 1; done
+
+# Peers are dev-only: their own venv under artifacts/.peers, never a dependency of llmpack.
+# onnxruntime-genai 0.18.0's builder needs onnx-ir (undeclared) and onnxruntime >= 1.31 (pinned to ours).
+$(GENAI):
+	$(PYTHON) -m venv $(PEERS)/genai
+	$(PEERS)/genai/bin/pip install -q onnxruntime-genai==0.18.0 onnx-ir onnxruntime==1.31.1 torch==2.13.0 \
+	    transformers sentencepiece protobuf
+
+# Its builder reads the tokenizer through transformers, which needs a tokenizer_config.json beside tokenizer.model.
+bench-peers: $(GENAI) bench-model
+	mkdir -p $(PEERS)/src-110m $(PEERS)/models
+	ln -sf $(abspath $(SRC_110M))/* $(PEERS)/src-110m/
+	echo '{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}' \
+	    > $(PEERS)/src-110m/tokenizer_config.json
+	for p in fp32 int8 int4; do test -f $(PEERS)/models/genai-110m-$$p/model.onnx || \
+	    $(GENAI) -m onnxruntime_genai.models.builder -i $(PEERS)/src-110m -o $(PEERS)/models/genai-110m-$$p \
+	        -p $$p -e cpu -c $(PEERS)/cache || exit 1; done
+
+bench: bench-variants bench-peers
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf artifacts build dist *.egg-info

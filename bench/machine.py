@@ -4,31 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import platform
 import shlex
 import sys
-from importlib import metadata
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def versions(*packages: str) -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in packages:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+from llmpack.cli.bench_workload import cpu_model, versions  # one definition, shared with the peers
 
 
 def header(title: str, *packages: str) -> str:

@@ -41,15 +41,21 @@ def start_server(artifact: Path, max_batch: int, threads: int) -> tuple[subproce
                              "--threads", str(threads), "--no-verify-checksums"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "LLMPACK_API_KEY": ""})
     base = f"http://127.0.0.1:{port}"
+    wait_ready(proc, base)
+    return proc, base
+
+
+def wait_ready(proc: subprocess.Popen, base: str, hint: str = "") -> None:
+    """Poll /ready for up to 60 s; past that, kill the server and end the benchmark."""
     for _ in range(600):
         try:
             if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                return proc, base
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.1)
     proc.kill()
-    raise SystemExit("the server did not become ready in 60 s")
+    raise SystemExit(f"the server did not become ready in 60 s{hint}")
 
 
 def one_request(base: str, new_tokens: int) -> dict:

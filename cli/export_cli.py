@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from llmpack.cli.common import setup_logging, translate_errors
+from llmpack.cli.graph_options import graph_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,16 +26,32 @@ def main(verbose: bool) -> None:
               help="Context length; capped at the model's max_position_embeddings.")
 @click.option("--system-prompt", default=None, help="Default system prompt stored in the artifact (raw=false prompts).")
 @click.option("--force", is_flag=True, help="Rebuild even when an identical artifact exists.")
+@click.option("--engine", type=click.Choice(["none", "trt"]), default="none", show_default=True,
+              help="Also build a TensorRT engine (model.plan) for this machine's GPU; needs llmpack[gpu].")
+@click.option("--max-batch", type=click.IntRange(min=1), default=4, show_default=True,
+              help="With --engine trt: the most sequences one decode step runs.")
+@click.option("--workspace-gb", type=click.FloatRange(min=0.25), default=8.0, show_default=True,
+              help="With --engine trt: TensorRT's builder workspace limit.")
+@graph_options
 @translate_errors
-def build(model: str, out: Path, dtype: str, max_context: int, system_prompt: str | None, force: bool) -> None:
-    """Build an artifact (ONNX decoder with KV cache + tokenizer + manifest.json)."""
+def build(model: str, out: Path, dtype: str, max_context: int, system_prompt: str | None, force: bool,
+          engine: str, max_batch: int, workspace_gb: float, graph_options: dict) -> None:
+    """Build an artifact (ONNX decoder with KV cache + tokenizer + manifest.json [+ TensorRT engine])."""
     from llmpack.export.build import BuildOptions, build as run_build
 
     options = BuildOptions(model=model, out=out, dtype=dtype, max_context=max_context, force=force,
-                           progress=sys.stderr.isatty(), system_prompt=system_prompt)
-    result = run_build(options)
+                           progress=sys.stderr.isatty(), system_prompt=system_prompt, **graph_options)
+    built_engine = None
+    if engine == "trt":
+        from llmpack.export.trt_build import EngineBuildOptions, build_with_engine
+
+        result, built_engine = build_with_engine(options, EngineBuildOptions(max_batch, workspace_gb, force))
+    else:
+        result = run_build(options)
     state = "up to date (reused; --force rebuilds)" if result.reused else "built"
     click.echo(f"{result.path}: {state}, {result.manifest.dtype}, context {result.manifest.max_context}")
+    if built_engine is not None:
+        click.echo(built_engine.summary())
 
 
 @main.command()

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from llmpack.cli.common import setup_logging, translate_errors
+from llmpack.runtime.artifact import BACKENDS
 from llmpack.runtime.errors import InvalidRequest
 
 
@@ -26,19 +27,43 @@ def read_request(request: str | None, overrides: dict) -> dict:
                 raise InvalidRequest(f"cannot read request file {request[1:]}: {exc.strerror}") from exc
         else:
             text = request
-        try:
-            body = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"REQUEST is not valid JSON: {exc}") from exc
+        from llmpack.runtime.protocol import decode_json
+
+        body = decode_json(text, "REQUEST")  # the server's own strict decoding
     if not isinstance(body, dict):
         raise InvalidRequest("REQUEST must be a JSON object with 'prompt' or 'messages'")
     return {**body, **{k: v for k, v in overrides.items() if v is not None}}
 
 
+BACKEND_KEY = "llmpack.backend"
+
+
 def engine_options(f):
     f = click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (default: all cores).")(f)
+    # Kept off the commands' signatures (load_engine reads it from the click context), so every
+    # command with engine_options gets it without each one threading it through.
+    f = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, expose_value=False,
+                     callback=lambda ctx, _param, value: ctx.meta.__setitem__(BACKEND_KEY, value),
+                     help="Inference backend; auto: TensorRT if the artifact has an engine this GPU can run, "
+                          "else ONNX Runtime CUDA, else CPU.")(f)
     f = click.option("--system-prompt", default=None, help="System prompt for raw=false prompts ('' turns it off).")(f)
     f = click.option("--no-verify-checksums", is_flag=True, help="Skip hashing artifact files at load (sizes still checked).")(f)
+    return f
+
+
+def connection_options(f):
+    """What one client may hold: the time its request may take to arrive, idle connections, their number."""
+    seconds = click.FloatRange(min=0.1)
+    f = click.option("--limit-concurrency", type=click.IntRange(min=1), default=None,
+                     help="Most connections + requests at once; beyond it uvicorn answers a plain 503 "
+                          "(default: no limit; the queue and the timeouts bound the work).")(f)
+    f = click.option("--head-timeout", type=seconds, default=10.0, show_default=True,
+                     help="Seconds a client has to send its request line and headers (from connecting or "
+                          "from the previous response); then the connection is closed.")(f)
+    f = click.option("--keep-alive-timeout", type=seconds, default=5.0, show_default=True,
+                     help="Seconds an idle keep-alive connection stays open after a response.")(f)
+    f = click.option("--body-timeout", type=seconds, default=30.0, show_default=True,
+                     help="Seconds the whole request body may take to arrive; then 408.")(f)
     return f
 
 
@@ -55,8 +80,10 @@ def request_options(f):
 def load_engine(artifact: Path, threads, system_prompt, no_verify_checksums, max_batch: int = 1):
     from llmpack.runtime.engine import Engine, EngineOptions
 
-    options = EngineOptions(threads=threads, system_prompt=system_prompt, verify_checksums=not no_verify_checksums,
-                            max_batch=max_batch)
+    context = click.get_current_context(silent=True)
+    backend = context.meta.get(BACKEND_KEY, "auto") if context else "auto"
+    options = EngineOptions(backend=backend, threads=threads, system_prompt=system_prompt,
+                            verify_checksums=not no_verify_checksums, max_batch=max_batch)
     return Engine.load(artifact, options)
 
 
@@ -127,20 +154,24 @@ def tokenize(artifact, request, prompt, raw, stream, max_tokens, temperature, se
               help="Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled.")
 @click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True,
               help="Requests decoded together in one batched step (continuous batching).")
+@connection_options
 @engine_options
 @translate_errors
 def run(artifact, host, port, api_key, max_queue, max_body_bytes, stream_padding, shutdown_timeout, max_batch,
-        threads, system_prompt, no_verify_checksums):
+        body_timeout, keep_alive_timeout, head_timeout, limit_concurrency, threads, system_prompt,
+        no_verify_checksums):
     """Serve ARTIFACT over HTTP: Workers AI and OpenAI-compatible routes, /health, /ready, /metrics."""
     import logging
 
     from llmpack.runtime.server import ServerSettings, create_app
-    from llmpack.runtime.uvicorn_runner import serve  # imports uvicorn; fastapi comes with server
+    from llmpack.runtime.uvicorn_runner import ConnectionLimits, serve  # imports uvicorn; fastapi comes with server
 
     engine = load_engine(artifact, threads, system_prompt, no_verify_checksums, max_batch)
     settings = ServerSettings(api_key=api_key or None, max_queue=max_queue, max_body_bytes=max_body_bytes,
-                              stream_padding=stream_padding, shutdown_timeout_s=shutdown_timeout)
+                              stream_padding=stream_padding, shutdown_timeout_s=shutdown_timeout,
+                              body_timeout_s=body_timeout)
     app = create_app(engine, settings)
     description = f"model {engine.model_name} (as {' or '.join(app.state.llm.models)})"
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
-    serve(app, host, port, description, shutdown_timeout, verbose)
+    limits = ConnectionLimits(keep_alive_timeout, head_timeout, limit_concurrency)
+    serve(app, host, port, description, shutdown_timeout, verbose, limits, drain=app.state.llm.drain)

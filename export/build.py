@@ -7,9 +7,11 @@ inputs (weight checksums, options, llmpack version) reuse the existing artifact.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -23,11 +25,15 @@ from pathlib import Path
 
 from llmpack.export.checkpoint import Checkpoint, open_checkpoint
 from llmpack.export.demo import demo_cache_dir, write_demo_checkpoint
+from llmpack.export.fused_graph import write_fused_graph
 from llmpack.export.graph import OPSET, write_decoder_graph
+from llmpack.export.quantize import ACCURACY_LEVELS, BLOCK_SIZES, QUANT_BITS, QuantSpec
 from llmpack.runtime import __version__
+from llmpack.runtime import fused_interface as fused
 from llmpack.runtime import manifest as names
 from llmpack.runtime.errors import ArtifactError, BuildError
-from llmpack.runtime.manifest import BuildManifest, FileDigest, SourceInfo, digest_file, read_manifest
+from llmpack.runtime.manifest import (BuildManifest, FileDigest, QuantInfo, SourceInfo, check_artifact_files,
+                                      digest_file, read_manifest)
 
 log = logging.getLogger("llmpack.export")
 
@@ -44,6 +50,15 @@ class BuildOptions:
     force: bool = False
     progress: bool = False
     system_prompt: str | None = None
+    graph: str = fused.STANDARD  # or fused.FLAVOUR: ONNX Runtime's fused contrib ops
+    quant: str = "none"  # "int8" | "int4": weight-only, block-wise, every Linear
+    block_size: int = 32
+    accuracy_level: int = 4
+    symmetric: bool = True
+
+    @property
+    def quant_spec(self) -> QuantSpec:
+        return QuantSpec(QUANT_BITS[self.quant], self.block_size, self.accuracy_level, self.symmetric)
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,8 @@ def build_key(source_files: tuple[FileDigest, ...], options: BuildOptions, max_c
         "opset": OPSET,
         "system_prompt": options.system_prompt,
     }
+    if options.graph != fused.STANDARD or options.quant != "none":  # old artifacts keep their keys
+        material |= {"graph": options.graph, "quant": dataclasses.asdict(options.quant_spec)}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
@@ -94,6 +111,17 @@ def _existing_manifest(out: Path) -> BuildManifest | None:
         return read_manifest(out)
     except ArtifactError:
         return None  # an artifact from another llmpack version: ours to replace
+
+
+def _intact(out: Path, manifest: BuildManifest) -> bool:
+    """Whether the artifact's files still match its manifest. A damaged one is rebuilt, not reused:
+    the runtime refuses it with "rebuild it", and a rebuild that answered "up to date" would loop."""
+    try:
+        check_artifact_files(out, manifest, verify_checksums=True)
+    except ArtifactError as exc:
+        log.warning("%s; rebuilding it", exc.message)
+        return False
+    return True
 
 
 @contextmanager
@@ -124,7 +152,13 @@ def _check_disk(checkpoint: Checkpoint, folder: Path, dtype: str) -> None:
 
 def _write_artifact(checkpoint: Checkpoint, source: SourceInfo, staging: Path, options: BuildOptions,
                     max_context: int, key: str) -> BuildManifest:
-    inputs, outputs = write_decoder_graph(checkpoint, staging, options.dtype, options.progress)
+    quant = options.quant_spec
+    if options.graph == fused.FLAVOUR:
+        inputs, outputs = write_fused_graph(checkpoint, staging, max_context, quant, options.progress)
+    elif quant.enabled:
+        inputs, outputs = write_decoder_graph(checkpoint, staging, options.dtype, options.progress, quant)
+    else:  # the plain build, called exactly as before --quant existed
+        inputs, outputs = write_decoder_graph(checkpoint, staging, options.dtype, options.progress)
     shutil.copyfile(checkpoint.path / checkpoint.tokenizer_file, staging / names.TOKENIZER_FILE)
     files = tuple(digest_file(staging, f) for f in (names.MODEL_FILE, names.WEIGHTS_FILE, names.TOKENIZER_FILE))
     manifest = BuildManifest(
@@ -144,6 +178,9 @@ def _write_artifact(checkpoint: Checkpoint, source: SourceInfo, staging: Path, o
         tool_versions=tool_versions(),
         built_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         default_system_prompt=options.system_prompt,
+        graph_flavour=options.graph,
+        quant=QuantInfo(quant.name, quant.bits, quant.block_size, quant.accuracy_level, quant.symmetric)
+        if quant.enabled else None,
     )
     (staging / names.MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
     return manifest
@@ -161,14 +198,29 @@ def _swap_into_place(staging: Path, out: Path) -> None:
 
 
 def _remove_stale_staging(out: Path) -> None:
-    for stale in out.parent.glob(f".{out.name}.*-*"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
+    """What a killed build of `out` left (called under its lock): only its own prefixes, never another path's."""
+    for prefix in (f".{out.name}.build-", f".{out.name}.old-"):
+        for stale in out.parent.glob(glob.escape(prefix) + "*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _check_graph_options(options: BuildOptions) -> None:
+    if options.graph not in fused.FLAVOURS:
+        raise BuildError(f"--graph {options.graph} is not supported; choose one of {', '.join(fused.FLAVOURS)}")
+    if options.quant not in QUANT_BITS:
+        raise BuildError(f"--quant {options.quant} is not supported; choose one of {', '.join(QUANT_BITS)}")
+    if options.block_size not in BLOCK_SIZES or options.accuracy_level not in ACCURACY_LEVELS:
+        raise BuildError(f"--block-size must be one of {BLOCK_SIZES} and --accuracy-level one of {ACCURACY_LEVELS}")
+    if options.dtype != "fp32" and (options.quant != "none" or options.graph != fused.STANDARD):
+        raise BuildError("--quant and --graph ort-fused build fp32 activations (ONNX Runtime on the CPU); "
+                         "use --dtype fp32")
 
 
 def build(options: BuildOptions) -> BuildResult:
     if options.dtype not in DTYPES:
         raise BuildError(f"--dtype {options.dtype} is not supported; choose one of {', '.join(DTYPES)}")
+    _check_graph_options(options)
     if options.max_context < 2:
         raise BuildError(f"--max-context must be at least 2, got {options.max_context}")
     out = Path(options.out).expanduser().resolve()
@@ -179,7 +231,7 @@ def build(options: BuildOptions) -> BuildResult:
         log.info("hashing the weights of %s (the build is skipped when nothing changed)", checkpoint.path)
         source = SourceInfo(path=str(checkpoint.path), files=checkpoint.digests())
         key = build_key(source.files, options, max_context)
-        if existing is not None and existing.build_key == key and not options.force:
+        if existing is not None and existing.build_key == key and not options.force and _intact(out, existing):
             log.info("artifact %s is up to date (same weights and options); reusing it, --force rebuilds", out)
             return BuildResult(out, existing, reused=True)
         _remove_stale_staging(out)

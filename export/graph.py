@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from llmpack.export.checkpoint import Checkpoint, WeightReader
 from llmpack.export.onnx_writer import NP_TO_ONNX, GraphWriter, value_info
+from llmpack.export.quantize import QuantSpec, write_linear
 from llmpack.runtime import manifest as names
 from llmpack.runtime.manifest import ModelConfig, TensorSpec
 
@@ -49,18 +50,20 @@ def interface(config: ModelConfig, kv_dtype: str) -> tuple[tuple[TensorSpec, ...
 class LlamaGraph:
     """Builds the decoder node by node; weights are streamed from the checkpoint as they are needed."""
 
-    def __init__(self, writer: GraphWriter, weights: WeightReader, config: ModelConfig, dtype: str):
+    def __init__(self, writer: GraphWriter, weights: WeightReader, config: ModelConfig, dtype: str,
+                 quant: QuantSpec = QuantSpec()):
         self.g, self.w, self.c = writer, weights, config
         self.dtype = dtype  # numpy name of the activation and weight dtype
+        self.quant = quant  # --quant: every Linear (head included) becomes MatMulNBits
 
     # --- weights -----------------------------------------------------------------------------
 
     def _tensor(self, name: str) -> np.ndarray:
         return self.w.get(name).astype(self.dtype, copy=False)
 
-    def linear_weight(self, name: str) -> str:
-        """A Linear weight stored as [in, out] so that MatMul(x, W) needs no transpose at run time."""
-        return self.g.weight(name, self._tensor(name).T)
+    def linear(self, x: str, name: str) -> str:
+        """x @ W^T; W stored as [in, out] so that MatMul(x, W) needs no transpose at run time."""
+        return write_linear(self.g, x, name, self.w.get(name), self.quant, self.dtype)
 
     # --- building blocks ---------------------------------------------------------------------
 
@@ -117,9 +120,9 @@ class LlamaGraph:
         g, c = self.g, self.c
         prefix = f"model.layers.{layer}.self_attn"
         heads_shape = lambda n: g.constant([0, 0, n, c.head_dim], np.int64)  # noqa: E731
-        q = g.add("MatMul", [x, self.linear_weight(f"{prefix}.q_proj.weight")])
-        k = g.add("MatMul", [x, self.linear_weight(f"{prefix}.k_proj.weight")])
-        v = g.add("MatMul", [x, self.linear_weight(f"{prefix}.v_proj.weight")])
+        q = self.linear(x, f"{prefix}.q_proj.weight")
+        k = self.linear(x, f"{prefix}.k_proj.weight")
+        v = self.linear(x, f"{prefix}.v_proj.weight")
         q = g.add("Transpose", [g.add("Reshape", [q, heads_shape(c.num_heads)])], perm=[0, 2, 1, 3])
         k = g.add("Transpose", [g.add("Reshape", [k, heads_shape(c.num_kv_heads)])], perm=[0, 2, 1, 3])
         v = g.add("Transpose", [g.add("Reshape", [v, heads_shape(c.num_kv_heads)])], perm=[0, 2, 1, 3])
@@ -138,20 +141,24 @@ class LlamaGraph:
         context = g.add("Reshape", [context, g.constant([0, c.num_heads, -1, c.head_dim], np.int64)])
         context = g.add("Transpose", [context], perm=[0, 2, 1, 3])
         context = g.add("Reshape", [context, g.constant([0, 0, c.num_heads * c.head_dim], np.int64)])
-        return g.add("MatMul", [context, self.linear_weight(f"{prefix}.o_proj.weight")])
+        return self.linear(context, f"{prefix}.o_proj.weight")
 
     def mlp(self, layer: int, x: str) -> str:
         g, prefix = self.g, f"model.layers.{layer}.mlp"
-        gate = g.add("MatMul", [x, self.linear_weight(f"{prefix}.gate_proj.weight")])
-        up = g.add("MatMul", [x, self.linear_weight(f"{prefix}.up_proj.weight")])
+        gate = self.linear(x, f"{prefix}.gate_proj.weight")
+        up = self.linear(x, f"{prefix}.up_proj.weight")
         act = g.add("Mul", [g.add("Mul", [gate, g.add("Sigmoid", [gate])]), up])
-        return g.add("MatMul", [act, self.linear_weight(f"{prefix}.down_proj.weight")])
+        return self.linear(act, f"{prefix}.down_proj.weight")
 
     def lm_head(self, hidden: str) -> str:
         """Logits of the last position only, [batch, vocab] in fp32."""
         g, c = self.g, self.c
         last = g.add("Slice", [hidden, g.constant([-1], np.int64), g.constant([2**62], np.int64), g.constant([1], np.int64)])
         last = g.add("Reshape", [last, g.constant([-1, c.hidden_size], np.int64)])
+        if self.quant.enabled:  # tied or not, the head gets its own quantized copy; the Gather keeps fp32
+            source = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+            logits = write_linear(g, last, "lm_head.weight", self.w.get(source), self.quant, self.dtype)
+            return g.add("Cast", [logits], name=names.LOGITS, to=_onnx_type(F32))
         if c.tie_word_embeddings:
             head = "model.embed_tokens.weight"  # tied: the embedding matrix is the output layer too
         else:
@@ -177,21 +184,32 @@ def _onnx_type(dtype: str) -> int:
     return NP_TO_ONNX[np.dtype(dtype)]
 
 
-def write_decoder_graph(checkpoint: Checkpoint, folder: Path, dtype: str, progress: bool = False) -> tuple:
-    """Write model.onnx + model.onnx.data into folder; returns the (inputs, outputs) TensorSpecs."""
-    np_dtype = "float16" if dtype == "fp16" else F32
-    inputs, outputs = interface(checkpoint.config, np_dtype)
+def stream_graph(checkpoint: Checkpoint, folder: Path, specs: tuple, build, doc: str) -> tuple:
+    """Stream a decoder into folder: build(writer, weights) adds nodes and weights, then model.onnx is written."""
+    inputs, outputs = specs
     writer = GraphWriter(Path(folder) / names.WEIGHTS_FILE)
     try:
         with WeightReader(checkpoint) as weights:
-            LlamaGraph(writer, weights, checkpoint.config, np_dtype).build(progress)
+            build(writer, weights)
         writer.finish(
             [value_info(t.name, t.dtype, t.shape) for t in inputs],
             [value_info(t.name, t.dtype, t.shape) for t in outputs],
             OPSET,
             Path(folder) / names.MODEL_FILE,
-            doc=f"llmpack Llama decoder, {dtype}, last-position logits, KV cache in/out",
+            doc=doc,
         )
     finally:
         writer.close()
     return inputs, outputs
+
+
+def write_decoder_graph(checkpoint: Checkpoint, folder: Path, dtype: str, progress: bool = False,
+                        quant: QuantSpec = QuantSpec()) -> tuple:
+    """Write model.onnx + model.onnx.data into folder; returns the (inputs, outputs) TensorSpecs."""
+    np_dtype = "float16" if dtype == "fp16" else F32
+
+    def build(writer: GraphWriter, weights: WeightReader) -> None:
+        LlamaGraph(writer, weights, checkpoint.config, np_dtype, quant).build(progress)
+
+    return stream_graph(checkpoint, folder, interface(checkpoint.config, np_dtype), build,
+                        f"llmpack Llama decoder, {dtype}, last-position logits, KV cache in/out")

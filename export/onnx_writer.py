@@ -20,6 +20,8 @@ NP_TO_ONNX = {
     np.dtype("float32"): TensorProto.FLOAT,
     np.dtype("float16"): TensorProto.FLOAT16,
     np.dtype("int64"): TensorProto.INT64,
+    np.dtype("int32"): TensorProto.INT32,  # GroupQueryAttention's sequence lengths
+    np.dtype("uint8"): TensorProto.UINT8,  # MatMulNBits' packed weight codes
     np.dtype("bool"): TensorProto.BOOL,
 }
 
@@ -88,7 +90,10 @@ class GraphWriter:
     def finish(self, inputs, outputs, opset: int, path: Path, doc: str) -> onnx.ModelProto:
         self.close()
         graph = helper.make_graph(self.nodes, "llmpack_llama_decoder", inputs, outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="llmpack")
+        # ONNX Runtime's contrib ops (MatMulNBits, GroupQueryAttention…) live in their own domain, version 1.
+        domains = sorted({node.domain for node in self.nodes if node.domain})
+        opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in domains]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="llmpack")
         model.ir_version = 10
         model.doc_string = doc
         onnx.save_model(model, str(path))

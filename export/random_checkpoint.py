@@ -9,6 +9,7 @@ between PyTorch and ONNX is then a meaningful check rather than a coin toss betw
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import shutil
 import tempfile
@@ -91,8 +92,10 @@ def write_random_checkpoint(folder: Path, config: dict, tokenizer: bytes, seed: 
         (staging / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": list(stop_ids)}))
         (staging / "tokenizer.model").write_bytes(tokenizer)
         staging.rename(folder)
-    except FileExistsError:
-        pass  # another process finished the same checkpoint first
+    except OSError as exc:
+        # Another process finished the same checkpoint first: Linux says ENOTEMPTY, others EEXIST.
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not (folder / "config.json").is_file():
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder

@@ -11,11 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
+from llmpack.export import quality
 from llmpack.runtime.artifact import open_artifact, open_backend
 from llmpack.runtime.errors import CheckpointError
 
 # fp32 must match to float rounding; fp16 must keep the answer (the greedy tokens).
 LOGIT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+# --quant: logits are judged by export/quality.py's top-1/KL bounds. Cached decode vs a full forward of
+# the same artifact still catches a broken cache (errors of order 1), but at accuracy level 4 the two
+# paths quantize slightly different activations to int8: measured up to 2.2e-2 on stories260k/demo.
+QUANT_CACHE_TOLERANCE = 5e-2
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ def _artifact_greedy(backend, prompt: list[int], steps: int) -> tuple[list[np.nd
 def verify(artifact_path: Path | str, steps: int = 32, prompt_length: int = 16, seed: int = 0) -> ParityReport:
     artifact = open_artifact(artifact_path)
     manifest = artifact.manifest
-    tolerance = LOGIT_TOLERANCE[manifest.dtype]
+    tolerance = QUANT_CACHE_TOLERANCE if manifest.quant else LOGIT_TOLERANCE[manifest.dtype]
     steps = min(steps, manifest.max_context - prompt_length)
     rng = np.random.default_rng(seed)
     prompt = [manifest.bos_token_id] + rng.integers(3, manifest.config.vocab_size, prompt_length - 1).tolist()
@@ -116,4 +121,8 @@ def verify(artifact_path: Path | str, steps: int = 32, prompt_length: int = 16, 
         ),
         Check("KV-cache decode vs full forward", f"{worst_cache:.2e}", f"< {tolerance:.0e}", worst_cache < tolerance),
     )
-    return ParityReport(str(artifact.path), manifest.dtype, checks)
+    if manifest.quant is not None:  # int8/int4 are judged on their predictions, not on 1e-4 logits
+        measured = quality.measure(model, backend, artifact.tokenizer_path, manifest.bos_token_id, manifest.max_context)
+        checks = (*(Check(*row) for row in quality.judge(manifest.quant.method, measured)), checks[2])
+    label = ", ".join([manifest.dtype, manifest.graph_flavour] + ([manifest.quant.method] if manifest.quant else []))
+    return ParityReport(str(artifact.path), label, checks)

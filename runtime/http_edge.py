@@ -7,6 +7,7 @@ clients can read them; nothing else (no traceback, no HTML) ever reaches a clien
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -19,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmpack.runtime.errors import InvalidRequest, LlmpackError, RequestTooLarge
 from llmpack.runtime.metrics import Metrics
+from llmpack.runtime.protocol import decode_json
 
 log = logging.getLogger("llmpack.server")
 
@@ -35,6 +37,12 @@ class UnknownModel(LlmpackError):
 
 class UnsupportedMediaType(InvalidRequest):
     http_status = 415
+
+
+class BodyTimeout(InvalidRequest):
+    """The body did not arrive within the body timeout (a slow or stalled client)."""
+
+    http_status = 408
 
 
 class InternalError(LlmpackError):
@@ -66,6 +74,9 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     async def domain_error(request: Request, exc: LlmpackError) -> Response:
         headers = {"Retry-After": str(retry_after_s)} if exc.http_status == 429 else None
+        if exc.http_status == 408:
+            # The client is too slow to send a body: no further request on this connection either.
+            headers = {"Connection": "close"}
         return error_response(request.url.path, exc.http_status, exc.api_code, exc.message, headers)
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -99,8 +110,9 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
 _FORM = "application/x-www-form-urlencoded"
 
 
-async def read_json(request: Request, limit: int) -> object:
-    """The decoded JSON body; 415 for a non-JSON type, 413 past `limit` bytes however it is sent."""
+async def read_json(request: Request, limit: int, timeout_s: float) -> object:
+    """The decoded JSON body; 415 for a non-JSON type, 413 past `limit` bytes however it is sent, 408 when
+    the whole body takes longer than `timeout_s` (a client trickling bytes would hold its task forever)."""
     content_type = request.headers.get("content-type")
     if content_type is not None:
         media = content_type.split(";", 1)[0].strip().lower()
@@ -109,20 +121,25 @@ async def read_json(request: Request, limit: int) -> object:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"the request body is {declared} bytes, the limit is {limit}")
+    try:
+        async with asyncio.timeout(timeout_s):
+            body = await _read_body(request, limit)
+    except TimeoutError as exc:
+        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s; "
+                          "send the whole body promptly") from exc
+    if not body.strip():
+        raise InvalidRequest("the request body is empty; send a JSON object with 'prompt' or 'messages'")
+    return decode_json(body)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     body = bytearray()
     # Counted as it arrives: a chunked body has no Content-Length to check up front.
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
             raise RequestTooLarge(f"the request body is over the limit of {limit} bytes")
-    if not body.strip():
-        raise InvalidRequest("the request body is empty; send a JSON object with 'prompt' or 'messages'")
-    try:
-        return json.loads(body)
-    except RecursionError as exc:
-        raise InvalidRequest("the request body is not valid JSON: it is nested too deeply") from exc
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an over-long integer literal
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
+    return bytes(body)
 
 
 # --- middleware (plain ASGI: BaseHTTPMiddleware would break streaming and disconnect detection) ---

@@ -20,6 +20,8 @@ MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.model"
+ENGINE_FILE = "model.plan"  # optional: a serialized TensorRT engine, tied to one GPU model and TensorRT version
+TIMING_CACHE_FILE = "engine.timing.cache"  # TensorRT's tactic timings, reused by the next engine build
 
 # Graph interface: one decoder graph serves prefill (seq > 1, empty past) and decode (seq = 1).
 INPUT_IDS = "input_ids"
@@ -87,6 +89,55 @@ class SourceInfo:
 
 
 @dataclass(frozen=True)
+class EngineProfile:
+    """One TensorRT optimization profile as (min, opt, max) per axis; per-input shapes derive from these."""
+
+    name: str  # "prefill" | "decode"
+    batch: tuple[int, int, int]
+    seq: tuple[int, int, int]
+    past: tuple[int, int, int]
+
+    def covers(self, batch: int, seq: int, past: int) -> bool:
+        return all(lo <= value <= hi for (lo, _, hi), value in
+                   ((self.batch, batch), (self.seq, seq), (self.past, past)))
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """The optional TensorRT engine beside the ONNX graph: what it was built with and for."""
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str  # "major.minor": engines do not load on another one
+    max_batch: int
+    profiles: tuple[EngineProfile, ...]
+    files: tuple[FileDigest, ...]  # the engine itself; checked by the TensorRT backend, not at open
+    build_key: str  # hash of the graph, TensorRT, GPU and profiles: a match means nothing to rebuild
+    workspace_bytes: int
+    strongly_typed: bool = True  # tensor types come from the ONNX graph (fp32 norms/softmax kept)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EngineInfo:
+        return cls(**{
+            **data,
+            "profiles": tuple(EngineProfile(p["name"], *(tuple(p[axis]) for axis in ("batch", "seq", "past")))
+                              for p in data["profiles"]),
+            "files": tuple(FileDigest(**f) for f in data["files"]),
+        })
+
+
+@dataclass(frozen=True)
+class QuantInfo:
+    """`--quant`: weight-only block-wise quantization of every Linear, head included (MatMulNBits)."""
+
+    method: str  # "int8" | "int4"
+    bits: int
+    block_size: int  # weights per scale along the input dimension
+    accuracy_level: int  # MatMulNBits' compute type for activations: 0 as is, 4 int8
+    symmetric: bool  # no zero points
+
+
+@dataclass(frozen=True)
 class BuildManifest:
     """One build, fully described. Written as manifest.json beside the artifact."""
 
@@ -105,10 +156,12 @@ class BuildManifest:
     llmpack_version: str
     tool_versions: dict[str, str]
     built_at: str
-    graph_flavour: str = "standard"  # plain ONNX ops, parseable by TensorRT
+    graph_flavour: str = "standard"  # plain ONNX ops, parseable by TensorRT; "ort-fused": ONNX Runtime contrib ops
     default_system_prompt: str | None = None
     manifest_version: int = MANIFEST_VERSION
     extra: dict[str, str] = field(default_factory=dict)
+    engine: EngineInfo | None = None  # absent in artifacts built without `--engine trt`
+    quant: QuantInfo | None = None  # absent: Linear weights in `dtype`
 
     @property
     def kv_dtype(self) -> str:
@@ -138,6 +191,8 @@ class BuildManifest:
                         files=tuple(FileDigest(**f) for f in data["source"]["files"]),
                     ),
                     "files": tuple(FileDigest(**f) for f in data["files"]),
+                    "engine": EngineInfo.from_dict(data["engine"]) if data.get("engine") else None,
+                    "quant": QuantInfo(**data["quant"]) if data.get("quant") else None,
                 }
             )
         except (KeyError, TypeError) as exc:

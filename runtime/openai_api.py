@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from llmpack.runtime import openapi_doc as doc
 from llmpack.runtime.errors import InvalidRequest, LlmpackError
-from llmpack.runtime.http_edge import json_response, read_json
+from llmpack.runtime.http_edge import json_response
 from llmpack.runtime.protocol import SSE_DONE, Usage, parse_request, sse_event
 from llmpack.runtime.scheduler import Finished
 from llmpack.runtime.streaming import EventStreamResponse, Generation, StopFilter, error_event
@@ -24,6 +24,7 @@ from llmpack.runtime.streaming import EventStreamResponse, Generation, StopFilte
 _SAMPLING = tuple(doc.SAMPLING_PROPERTIES)
 _CHAT_VALIDATOR = jsonschema.Draft202012Validator(doc.CHAT_REQUEST_SCHEMA)
 _COMPLETION_VALIDATOR = jsonschema.Draft202012Validator(doc.COMPLETION_REQUEST_SCHEMA)
+_MESSAGE_MAX = 300
 
 
 def check_body(body: object, validator: jsonschema.Draft202012Validator) -> dict:
@@ -33,7 +34,9 @@ def check_body(body: object, validator: jsonschema.Draft202012Validator) -> dict
     error = jsonschema.exceptions.best_match(validator.iter_errors(body))
     if error is not None:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
-        raise InvalidRequest(f"{where or 'request'}: {error.message}")
+        # jsonschema's message quotes the offending value whole: up to the body size, so shortened.
+        message = error.message if len(error.message) <= _MESSAGE_MAX else error.message[:_MESSAGE_MAX] + "…"
+        raise InvalidRequest(f"{where or 'request'}: {message}")
     return body
 
 
@@ -111,7 +114,7 @@ async def completions(request: Request) -> Response:
 
 async def _complete(request: Request, chat: bool) -> Response:
     state = request.app.state.llm
-    body = check_body(await read_json(request, state.settings.max_body_bytes),
+    body = check_body(await state.body(request),
                       _CHAT_VALIDATOR if chat else _COMPLETION_VALIDATOR)
     state.check_model(body["model"])
     parsed = parse_request(to_workers_body(body, chat))
@@ -171,13 +174,16 @@ async def list_models(request: Request) -> Response:
 
 def add_routes(app: FastAPI) -> None:
     errors = doc.error_responses(openai=True)
-    chat = {"type": "object", "properties": {"choices": {"type": "array"}, "usage": {"type": "object"}}}
+    chat = doc.object_schema({"id": {"type": "string"}, "object": {"enum": ["chat.completion", "text_completion"]},
+                              "created": {"type": "integer"}, "model": {"type": "string"},
+                              "choices": {"type": "array", "minItems": 1, "maxItems": 1}, "usage": doc.USAGE})
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"],
                       openapi_extra=doc.request_body(doc.CHAT_REQUEST_SCHEMA),
                       responses={**doc.success_response(chat, streams=True), **errors})
     app.add_api_route("/v1/completions", completions, methods=["POST"],
                       openapi_extra=doc.request_body(doc.COMPLETION_REQUEST_SCHEMA),
                       responses={**doc.success_response(chat, streams=True), **errors})
-    models = {"type": "object", "properties": {"object": {"const": "list"}, "data": {"type": "array"}}}
+    models = doc.object_schema({"object": {"const": "list"}, "data": {"type": "array", "items": doc.object_schema(
+        {"id": {"type": "string"}, "object": {"const": "model"}})}})
     app.add_api_route("/v1/models", list_models, methods=["GET"],
                       responses={**doc.success_response(models, streams=False), **doc.error_responses(True, (401,))})

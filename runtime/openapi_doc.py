@@ -36,11 +36,13 @@ SAMPLING_PROPERTIES: dict[str, dict] = {
 
 
 def workers_input_schema() -> dict:
-    """The published input schema of the model, plus the sampling fields and max_tokens ≥ 1."""
+    """The published input schema of the model, plus the sampling fields, max_tokens ≥ 1 and messages ≥ 1."""
     schema = copy.deepcopy(SPEC["input_schema"])
     for branch in schema["oneOf"]:
         branch["properties"].update(copy.deepcopy(SAMPLING_PROPERTIES))
         branch["properties"]["max_tokens"]["minimum"] = 1
+    # The template needs a user message: an empty conversation is a 400, so the document says so too.
+    schema["oneOf"][1]["properties"]["messages"]["minItems"] = 1
     return schema
 
 
@@ -92,14 +94,22 @@ COMPLETION_REQUEST_SCHEMA = {
     },
 }
 
-_ERROR_ENVELOPE = {"type": "object", "properties": {
+def object_schema(properties: dict) -> dict:
+    """An object that has all these properties (response documents: what a client may rely on)."""
+    return {"type": "object", "required": list(properties), "properties": properties}
+
+
+_COUNT = {"type": "integer", "minimum": 0}
+USAGE = object_schema({"prompt_tokens": _COUNT, "completion_tokens": _COUNT, "total_tokens": _COUNT})
+_ERROR_ENVELOPE = object_schema({
     "result": {"type": "object"}, "success": {"const": False}, "messages": {"type": "array"},
-    "errors": {"type": "array", "items": {"type": "object", "properties": {
-        "code": {"type": "integer"}, "message": {"type": "string"}}}}}}
-_OPENAI_ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
-    "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": ["string", "null"]}}}}}
+    "errors": {"type": "array", "minItems": 1,
+               "items": object_schema({"code": {"type": "integer"}, "message": {"type": "string"}})}})
+_OPENAI_ERROR = object_schema({"error": object_schema(
+    {"message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": ["string", "null"]}})})
 _ERROR_STATUSES = {400: "Invalid body (the message names the field and the rule)", 401: "Missing or wrong API key",
-                   404: "Unknown model", 413: "Body over the size limit", 415: "Not a JSON body",
+                   404: "Unknown model", 408: "Body not received within the body timeout",
+                   413: "Body over the size limit", 415: "Not a JSON body",
                    429: "Queue full; see Retry-After", 500: "The generation failed"}
 
 
@@ -118,6 +128,9 @@ def error_responses(openai: bool, statuses=tuple(_ERROR_STATUSES)) -> dict:
 def success_response(schema: dict, streams: bool) -> dict:
     content = {"application/json": {"schema": schema}}
     if streams:
-        content["text/event-stream"] = {"schema": {"type": "string", "description": "data: {json} events, "
-                                                   "last `data: [DONE]`"}}
+        # OpenAPI 3.1 reads the schema of an event stream as the schema of each event.
+        event = {"type": "object", "required": ["data"], "properties": {"data": {
+            "type": "string", "description": "one JSON object per event, then `[DONE]`; a stream that fails "
+                                             "midway ends with the route's JSON error instead"}}}
+        content["text/event-stream"] = {"schema": event}
     return {200: {"description": "The answer", "content": content}}

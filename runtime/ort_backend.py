@@ -69,6 +69,20 @@ def create_session(model_path: Path, threads: int | None = None):
         raise ArtifactError(f"ONNX Runtime cannot load {model_path} ({exc}); rebuild the artifact") from exc
 
 
+def length_after(length: int, count: int, context: int) -> int:
+    """A slot's length once `count` tokens are appended; refuses to grow past the context."""
+    total = length + count
+    if total > context:
+        raise BackendError(f"sequence of {total} tokens exceeds the artifact's context of {context}")
+    return total
+
+
+def load_session(artifact: Path, manifest: BuildManifest, threads: int | None):
+    """Refuse what cannot fit, then open the artifact's graph: how every CPU backend starts."""
+    check_memory(manifest, sum(f.size for f in manifest.files if f.path == names.WEIGHTS_FILE))
+    return create_session(Path(artifact) / names.MODEL_FILE, threads)
+
+
 class OrtBackend:
     """Slots of sequences on ONNX Runtime's CPU provider; batched decode over left-padded caches.
 
@@ -84,8 +98,7 @@ class OrtBackend:
         self.context_length = manifest.max_context
         self.vocab_size = manifest.config.vocab_size
         self.max_batch = max_batch
-        check_memory(manifest, sum(f.size for f in manifest.files if f.path == names.WEIGHTS_FILE))
-        self.session = create_session(Path(artifact) / names.MODEL_FILE, threads)
+        self.session = load_session(artifact, manifest, threads)
         c = manifest.config
         self._past_names = [n for i in range(c.num_layers) for n in (names.past_key_name(i), names.past_value_name(i))]
         self._output_names = [names.LOGITS] + [
@@ -115,10 +128,7 @@ class OrtBackend:
         return binding.get_outputs()
 
     def _check_room(self, slot: int, count: int) -> int:
-        total = self._lengths[slot] + count
-        if total > self.context_length:
-            raise BackendError(f"sequence of {total} tokens exceeds the artifact's context of {self.context_length}")
-        return total
+        return length_after(self._lengths[slot], count, self.context_length)
 
     def _run_slot(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
         """One slot alone: its own cache, no padding."""

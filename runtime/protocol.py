@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 
@@ -71,6 +72,64 @@ def _branch_validator(branch: dict) -> jsonschema.Draft202012Validator:
 
 _PROMPT_VALIDATOR = _branch_validator(_PROMPT_BRANCH)
 _MESSAGES_VALIDATOR = _branch_validator(_MESSAGES_BRANCH)
+
+
+def decode_json(raw: bytes | str, what: str = "the request body") -> object:
+    """Strict JSON: RFC 8259 text only, so every reader of the body sees the same request.
+
+    Python's json accepts NaN/Infinity, keeps the last of duplicate keys (a proxy that validated the
+    first saw another request) and lone surrogates from \\ud800 escapes (text no tokenizer or UTF-8
+    encoder can take): all three are refused here, before anything reads the body.
+    """
+    try:
+        decoded = json.loads(raw, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+    except RecursionError as exc:
+        raise InvalidRequest(f"{what} is not valid JSON: it is nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an over-long integer literal, ours
+        raise InvalidRequest(f"{what} is not valid JSON: {exc}") from exc
+    if _may_hold_surrogates(raw) and _has_lone_surrogate(decoded):
+        raise InvalidRequest(f"{what} is not valid JSON: a string holds a lone UTF-16 surrogate (U+D800-U+DFFF), "
+                             "which is not a character")
+    return decoded
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def _may_hold_surrogates(raw: bytes | str) -> bool:
+    """Cheap pre-check: UTF-8 bytes never decode to a surrogate, only a \\uD800-\\uDFFF escape makes one."""
+    escape = r"\\u[dD][89abcdefABCDEF]"
+    if isinstance(raw, str):
+        # A str from the command line may also carry raw surrogates (surrogateescape of invalid UTF-8).
+        return not raw.isascii() or re.search(escape, raw) is not None
+    return re.search(escape.encode(), raw) is not None
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    stack = [value]  # iterative: the value may be nested as deeply as json allows
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def parse_request(body: object) -> GenerationRequest:

@@ -7,6 +7,7 @@ all generation behaviour comes from the engine. The OpenAI-compatible routes liv
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import secrets
 import time
@@ -41,6 +42,7 @@ class ServerSettings:
     api_key: str | None = None
     max_queue: int = 64  # requests that may wait while the batch is full; more get 429
     max_body_bytes: int = 1 << 20
+    body_timeout_s: float = 30.0  # the whole body must arrive within this; a trickling client gets 408
     stream_padding: bool = False  # Workers AI's random "p" field against token-length side channels
     retry_after_s: int = 1
     shutdown_timeout_s: float = 10.0
@@ -66,9 +68,13 @@ class ServerState:
         if model not in self.models:
             raise UnknownModel(f"no such model {model!r}; this server runs {' or '.join(self.models)}")
 
+    async def body(self, request: Request) -> object:
+        """The decoded JSON body, within the size and time limits (413 / 408 / 415 / 400)."""
+        return await read_json(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
+
     async def read_request(self, request: Request) -> GenerationRequest:
         """Body → validated request whose prompt fits the input limit (400 / 3030 before it queues)."""
-        parsed = parse_request(await read_json(request, self.settings.max_body_bytes))
+        parsed = parse_request(await self.body(request))
         await self.prompt_ids(parsed)
         return parsed
 
@@ -78,6 +84,18 @@ class ServerState:
 
     async def admit(self, request: Request, parsed: GenerationRequest) -> Generation:
         return await admit(self.scheduler, request, parsed)
+
+    async def drain(self) -> None:
+        """On SIGTERM/SIGINT: let in-flight requests finish for shutdown_timeout_s, then cancel the rest.
+
+        Cancelled here rather than by uvicorn's deadline, each still ends with a final event: a 503
+        JSON error, or a stream's error event (code 3040), never a connection cut mid-body.
+        """
+        self.ready, self.not_ready_reason = False, "the server is shutting down"
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        while self.scheduler.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await run_in_threadpool(self.scheduler.close, self.settings.shutdown_timeout_s)
 
     async def warm_up(self) -> None:
         try:
@@ -156,7 +174,7 @@ def _padded(payload: dict) -> dict:
 async def tokenize(request: Request) -> Response:
     """The ids the model would be fed for this body, as `llm-serve tokenize` prints them."""
     state = state_of(request)
-    ids = await state.prompt_ids(parse_request(await read_json(request, state.settings.max_body_bytes)))
+    ids = await state.prompt_ids(parse_request(await state.body(request)))
     return json_response({"tokens": ids, "count": len(ids)})
 
 
@@ -196,26 +214,57 @@ def create_app(engine, settings: ServerSettings = ServerSettings()) -> FastAPI:
     install_error_handlers(app, settings.retry_after_s)
     _add_workers_routes(app)
     openai_api.add_routes(app)
+    _document_models(app, state.models)
     return app
+
+
+def _document_models(app: FastAPI, models: tuple[str, ...]) -> None:
+    """Name the served models in the OpenAPI document: `model` in a path or an OpenAI body is one of them.
+
+    Known only once the artifact is loaded, so patched into the generated document; the OpenAI
+    validators keep accepting any string (an unknown model is a 404, as OpenAI answers it).
+    """
+    generate = app.openapi
+
+    def openapi() -> dict:
+        spec = generate()
+        for operation in (op for item in spec["paths"].values() for op in item.values()):
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "model" and parameter["in"] == "path":
+                    parameter["schema"] = {"type": "string", "enum": list(models)}
+            # A copy: the document must never alias the schemas the OpenAI validators hold.
+            content = copy.deepcopy(operation.get("requestBody", {}).get("content", {}))
+            body = content.get("application/json", {}).get("schema", {})
+            if "model" in body.get("properties", {}):
+                body["properties"]["model"] = {"type": "string", "enum": list(models)}
+                operation["requestBody"]["content"] = content
+        return spec
+
+    app.openapi = openapi
 
 
 def _add_workers_routes(app: FastAPI) -> None:
     body = doc.request_body(doc.workers_input_schema())
-    answer = {"type": "object", "properties": {"response": {"type": "string"}, "usage": {"type": "object"}}}
-    envelope = {"type": "object", "properties": {"result": answer, "success": {"const": True},
-                                                 "errors": {"type": "array"}, "messages": {"type": "array"}}}
+    answer = doc.object_schema({"response": {"type": "string"}, "usage": doc.USAGE})
+    envelope = doc.object_schema({"result": answer, "success": {"const": True}, "errors": {"type": "array"},
+                                  "messages": {"type": "array"}})
     app.add_api_route("/ai/run/{model:path}", run_model, methods=["POST"], openapi_extra=body,
                       responses={**doc.success_response(answer, streams=True), **doc.error_responses(False)})
     app.add_api_route("/client/v4/accounts/{account_id}/ai/run/{model:path}", run_model_rest, methods=["POST"],
                       openapi_extra=body,
                       responses={**doc.success_response(envelope, streams=True), **doc.error_responses(False)})
-    tokens = {"type": "object", "properties": {"tokens": {"type": "array", "items": {"type": "integer"}},
-                                               "count": {"type": "integer"}}}
+    tokens = doc.object_schema({"tokens": {"type": "array", "items": {"type": "integer"}},
+                                "count": {"type": "integer"}})
     app.add_api_route("/tokenize", tokenize, methods=["POST"], openapi_extra=body,
                       responses={**doc.success_response(tokens, streams=False),
-                                 **doc.error_responses(False, (400, 401, 413, 415))})
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/ready", ready, methods=["GET"], responses={503: {"description": "Not ready yet"}})
+                                 **doc.error_responses(False, (400, 401, 408, 413, 415))})
+    app.add_api_route("/health", health, methods=["GET"],
+                      responses=doc.success_response(doc.object_schema({"status": {"const": "ok"}}), streams=False))
+    ready_yes = doc.object_schema({"ready": {"const": True}, "models": {"type": "array", "items": {"type": "string"}}})
+    ready_no = doc.object_schema({"ready": {"const": False}, "reason": {"type": "string"}})
+    app.add_api_route("/ready", ready, methods=["GET"], responses={
+        **doc.success_response(ready_yes, streams=False),
+        503: {"description": "Not ready yet", "content": {"application/json": {"schema": ready_no}}}})
     app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
 
 

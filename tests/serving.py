@@ -32,8 +32,8 @@ def free_port() -> int:
 class ServerProcess:
     """`llm-serve run ARTIFACT ...` as a child process; its log goes to a file the tests can read."""
 
-    def __init__(self, artifact: Path, log_path: Path, *args: str, env: dict | None = None):
-        self.port = free_port()
+    def __init__(self, artifact: Path, log_path: Path, *args: str, env: dict | None = None, port: int | None = None):
+        self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         command = [LLM_SERVE, "run", str(artifact), "--port", str(self.port), "--threads", "1", *args]

@@ -1,0 +1,75 @@
+"""CLI edge: `llm-serve bench ARTIFACT` — time to first token and decode speed of one artifact, as JSON.
+
+Runs the artifact's backend directly (the decode loop's own prefill/decode calls, no HTTP, no
+scheduler thread) on the shared benchmark workload (cli/bench_workload.py), so the numbers compare
+with the peers that `make bench` runs on the same prompt ids.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from llmpack.cli import bench_workload as workload
+from llmpack.cli.common import translate_errors
+
+
+def linear_weight_bytes(manifest) -> int:
+    """Bytes of Linear weights (head included) one decode step reads: what bounds batch-1 decode speed."""
+    c = manifest.config
+    per_layer = (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+                 + c.num_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
+    params = c.num_layers * per_layer + c.vocab_size * c.hidden_size
+    quant = manifest.quant
+    if quant is None:
+        return params * (2 if manifest.dtype == "fp16" else 4)
+    blocks = params // quant.block_size
+    zero_points = 0 if quant.symmetric else blocks * quant.bits // 8
+    return params * quant.bits // 8 + blocks * 4 + zero_points  # codes + fp32 scales (+ zero points)
+
+
+def describe(manifest) -> str:
+    precision = manifest.quant.method if manifest.quant else manifest.dtype
+    return f"llmpack {manifest.graph_flavour} {precision}"
+
+
+@click.command("bench")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens generated per run, greedy, stop tokens ignored.")
+@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed generations.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed generations first.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads [default: all cores].")
+@click.option("--name", default=None, help="Label in the JSON line [default: llmpack FLAVOUR PRECISION].")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-results.jsonl"), show_default=True,
+              help="JSON-lines file the record is appended to.")
+@translate_errors
+def bench(artifact: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup: int, threads: int | None,
+          name: str | None, out: Path) -> None:
+    """Measure TTFT, decode tokens/s (median and spread), peak RSS and size of ARTIFACT; print a JSON line."""
+    from llmpack.runtime.artifact import open_artifact, open_backend
+    from llmpack.runtime.ort_backend import default_threads
+
+    opened = open_artifact(artifact, verify_checksums=False)
+    manifest = opened.manifest
+    if prompt_tokens + new_tokens > manifest.max_context:
+        raise click.BadParameter(f"{prompt_tokens} + {new_tokens} tokens exceed the artifact's context of "
+                                 f"{manifest.max_context}", param_hint="--prompt-tokens/--new-tokens")
+    threads = threads or default_threads()
+    backend = open_backend(opened, "cpu", threads=threads, max_batch=1)
+    prompt = workload.prompt_ids(prompt_tokens, manifest.config.vocab_size, manifest.bos_token_id)
+    timings = workload.run_workload(lambda ids: backend.prefill(0, ids), lambda token: backend.decode([0], [token])[0],
+                                    lambda: backend.reset(0), prompt, new_tokens, runs, warmup)
+    line = workload.record(
+        name or describe(manifest), timings, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads,
+        artifact_bytes=sum(f.size for f in manifest.files), weight_bytes_per_token=linear_weight_bytes(manifest),
+        packages=("llmpack", "onnxruntime", "numpy"), artifact=str(opened.path), backend=backend.name,
+        graph_flavour=manifest.graph_flavour, quant=manifest.quant.method if manifest.quant else "none")
+    sys.stdout.write(workload.emit(line, str(out)) + "\n")
+
+
+if __name__ == "__main__":  # `python -m llmpack.cli.bench_cmd`: what `make bench` runs, registered or not
+    bench()

@@ -1,0 +1,177 @@
+"""Generation stage 2 (CPU, `ort-fused` artifacts): ONNX Runtime over the fused graph, KV cache in place.
+
+Each layer's K and V cache is ONE preallocated numpy buffer [rows, kv_heads, capacity, head_dim],
+bound as both GroupQueryAttention's past and its present: a step writes its new token straight into
+the buffer, nothing is concatenated or copied. Slot i is row i. A batched decode runs rows
+0..max(slots) in one step, each row with its own seqlens_k, so rows of different lengths share a step
+with no repacking; a row not in the step gets a dummy token written one past its end, which is
+harmless (its next real token overwrites it) — one spare position of capacity keeps even a full
+row's dummy inside the buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from llmpack.runtime import fused_interface as fused
+from llmpack.runtime import manifest as names
+from llmpack.runtime.errors import ArtifactError, BackendError
+from llmpack.runtime.manifest import BuildManifest
+from llmpack.runtime.ort_backend import length_after, load_session
+
+log = logging.getLogger("llmpack.runtime")
+
+MIN_CAPACITY = 256  # positions allocated up front; grown by doubling (one copy each time) as sequences grow
+
+
+class SharedCache:
+    """Per layer K and V buffers [rows, kv_heads, capacity, head_dim], each row one slot's cache."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, limit: int):
+        self.count, self.kv_heads, self.head_dim = 2 * layers, kv_heads, head_dim
+        self.limit = limit  # capacity never needs to exceed the context + the spare position
+        self.buffers: list[np.ndarray] = []
+        self._views: dict[tuple[int, int], list] = {}
+
+    @property
+    def rows(self) -> int:
+        return self.buffers[0].shape[0] if self.buffers else 0
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0].shape[2] if self.buffers else 0
+
+    def ensure(self, rows: int, length: int) -> bool:
+        """Make room for `rows` rows of `length` positions: True when it grew (one copy, amortized)."""
+        if rows <= self.rows and length <= self.capacity:
+            return False
+        capacity = self.capacity or MIN_CAPACITY
+        while capacity < length:
+            capacity *= 2
+        capacity = min(max(capacity, length), self.limit)
+        rows = max(rows, self.rows)
+        grown = []
+        for old in self.buffers or [None] * self.count:
+            new = np.zeros((rows, self.kv_heads, capacity, self.head_dim), np.float32)
+            if old is not None:
+                new[: old.shape[0], :, : old.shape[2]] = old
+            grown.append(new)
+        self.buffers, self._views = grown, {}
+        log.debug("KV cache grown to %d rows x %d positions", rows, capacity)
+        return True
+
+    def views(self, start: int, count: int) -> list:
+        """OrtValues over rows start..start+count of every buffer (contiguous: no copy), cached."""
+        key = (start, count)
+        if key not in self._views:
+            from onnxruntime import OrtValue
+
+            self._views[key] = [OrtValue.ortvalue_from_numpy(b[start : start + count]) for b in self.buffers]
+        return self._views[key]
+
+
+class StepBinding:
+    """One IO binding for a fixed (rows, seq) shape, reused step after step.
+
+    The token ids, sequence lengths and logits live in numpy arrays that the bound OrtValues share,
+    so a decode step writes a few numbers and runs: no binding calls, no per-step allocation
+    (measured: the per-call binding cost 0.63 ms of an 8 ms int4 step on bench-110m).
+    """
+
+    def __init__(self, session, rows: int, seq: int, vocab: int):
+        from onnxruntime import OrtValue
+
+        self.session = session
+        self.ids = np.zeros((rows, seq), np.int64)
+        self.seqlens = np.zeros(rows, np.int32)
+        self.total = np.zeros((), np.int32)
+        self.logits = np.zeros((rows, vocab), np.float32)
+        self.binding = session.io_binding()
+        for name, array in ((names.INPUT_IDS, self.ids), (fused.SEQLENS_K, self.seqlens),
+                            (fused.TOTAL_SEQUENCE_LENGTH, self.total)):
+            self.binding.bind_ortvalue_input(name, OrtValue.ortvalue_from_numpy(array))
+        self.binding.bind_ortvalue_output(names.LOGITS, OrtValue.ortvalue_from_numpy(self.logits))
+
+    def bind_cache(self, past: list[str], present: list[str], views: list) -> None:
+        for past_name, present_name, value in zip(past, present, views):
+            self.binding.bind_ortvalue_input(past_name, value)
+            self.binding.bind_ortvalue_output(present_name, value)  # the same buffer: GQA appends in place
+
+    def run(self) -> np.ndarray:
+        self.total[...] = self.seqlens.max() + 1
+        self.session.run_with_iobinding(self.binding)
+        return self.logits
+
+
+class OrtFusedBackend:
+    """Slots of sequences on ONNX Runtime's CPU provider over an `ort-fused` artifact."""
+
+    name = "onnxruntime-cpu-fused"
+
+    def __init__(self, artifact: Path, manifest: BuildManifest, threads: int | None = None, max_batch: int = 1):
+        if manifest.graph_flavour != fused.FLAVOUR:
+            raise ArtifactError(f"{manifest.name} is a {manifest.graph_flavour!r} artifact, not {fused.FLAVOUR!r}")
+        self.manifest = manifest
+        self.context_length = manifest.max_context
+        self.vocab_size = manifest.config.vocab_size
+        self.max_batch = max_batch
+        self.session = load_session(artifact, manifest, threads)
+        c = manifest.config
+        self.cache = SharedCache(c.num_layers, c.num_kv_heads, fused.kv_head_dim(c), manifest.max_context + 1)
+        self._past = [n for i in range(c.num_layers) for n in (names.past_key_name(i), names.past_value_name(i))]
+        self._present = [n for i in range(c.num_layers) for n in (names.present_key_name(i), names.present_value_name(i))]
+        self._lengths = [0] * max_batch
+        self._bindings: dict[tuple[int, int, int], StepBinding] = {}
+
+    def cached_tokens(self, slot: int) -> int:
+        return self._lengths[slot]
+
+    def _step(self, first_row: int, rows: int, seq: int, length: int) -> StepBinding:
+        """The binding for rows first_row..first_row+rows fed `seq` tokens, with cache room for `length`."""
+        if self.cache.ensure(first_row + rows, length):
+            self._bindings.clear()  # the old bindings point at the buffers before the growth
+        key = (first_row, rows, seq)
+        step = self._bindings.get(key)
+        if step is None:
+            step = StepBinding(self.session, rows, seq, self.vocab_size)
+            step.bind_cache(self._past, self._present, self.cache.views(first_row, rows))
+            if seq == 1:  # decode shapes repeat every step; prompt chunks rarely do
+                self._bindings[key] = step
+        return step
+
+    def _check_room(self, slot: int, count: int) -> int:
+        return length_after(self._lengths[slot], count, self.context_length)
+
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
+        if not token_ids:
+            raise BackendError("prefill needs at least one token")
+        total = self._check_room(slot, len(token_ids))
+        step = self._step(slot, 1, len(token_ids), total + 1)
+        step.ids[0] = token_ids
+        step.seqlens[0] = total - 1
+        logits = step.run()
+        self._lengths[slot] = total
+        return logits[0].copy()
+
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+        if any(self._lengths[s] == 0 for s in slots):
+            raise BackendError("decode called on a slot that was not prefilled")
+        for slot in slots:
+            self._check_room(slot, 1)
+        rows = max(slots) + 1
+        # Every row appends at its own end; rows outside `slots` append a dummy that is never counted.
+        step = self._step(0, rows, 1, max(self._lengths[:rows]) + 1)
+        step.ids[:, 0] = 0
+        step.ids[list(slots), 0] = token_ids
+        step.seqlens[:] = self._lengths[:rows]
+        logits = step.run()
+        for slot in slots:
+            self._lengths[slot] += 1
+        return logits[list(slots)]  # a copy: the binding's array is overwritten by the next step
+
+    def reset(self, slot: int) -> None:
+        self._lengths[slot] = 0

@@ -1,0 +1,48 @@
+"""Schemathesis hooks for the API fuzz runs (tests/test_hostile_api.py, `make fuzz`): checks of our own.
+
+Loaded by `st run` through SCHEMATHESIS_HOOKS=fuzz_hooks (tests/ on PYTHONPATH). Schemathesis's
+built-in checks see status codes and JSON bodies; these add what they cannot: no traceback or
+internal detail in any body, and an event stream that is well framed to its end.
+"""
+
+from __future__ import annotations
+
+import json
+
+import schemathesis
+
+# What a leaked traceback or a framework's debug page looks like.
+LEAKS = ("Traceback (most recent call last)", 'File "/', "Internal Server Error", "<html")
+
+
+@schemathesis.check
+def no_internal_details(ctx, response, case):
+    """No body ever shows a traceback, a source path or an HTML error page."""
+    text = response.content.decode("utf-8", "replace")
+    leaked = [marker for marker in LEAKS if marker in text]
+    if leaked:
+        raise AssertionError(f"the body leaks {leaked[0]!r}: {text[:300]!r}")
+
+
+@schemathesis.check
+def event_streams_are_well_framed(ctx, response, case):
+    """A 200 event stream: `data: {json}` events, ending with [DONE] or the route's error event."""
+    content_type = (response.headers.get("content-type") or [""])[0]
+    if response.status_code != 200 or not content_type.startswith("text/event-stream"):
+        return None
+    if response.stream_cut_short:
+        return None  # schemathesis stopped reading: the end of the stream is not there to check
+    raw = response.content
+    if not raw.endswith(b"\n\n"):
+        raise AssertionError(f"the event stream is cut: it ends with {raw[-80:]!r}")
+    *events, last = raw[:-2].split(b"\n\n")
+    if last != b"data: [DONE]":
+        events.append(last)
+    payloads = []
+    for block in events:
+        if not block.startswith(b"data: ") or b"\n" in block:
+            raise AssertionError(f"a malformed event: {block[:120]!r}")
+        payloads.append(json.loads(block[len(b"data: "):]))
+    if last != b"data: [DONE]" and not ("error" in payloads[-1] or payloads[-1].get("success") is False):
+        raise AssertionError(f"the stream ends with neither [DONE] nor an error event: {last[:120]!r}")
+    return None

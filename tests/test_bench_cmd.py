@@ -1,0 +1,46 @@
+"""`llm-serve bench`: one JSON line with TTFT, decode speed spreads, RSS, size, bandwidth, machine, versions."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from llmpack.cli import bench_workload
+from llmpack.cli.bench_cmd import bench, linear_weight_bytes
+from llmpack.runtime.artifact import open_artifact
+from llmpack.runtime.manifest import ModelConfig, QuantInfo
+
+
+def test_bench_prints_and_appends_one_json_line(demo_artifact, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_workload, "PROBE_BYTES", 8 * 2**20)
+    out = tmp_path / "bench.jsonl"
+    args = [str(demo_artifact), "--prompt-tokens", "8", "--new-tokens", "4", "--runs", "2", "--threads", "1",
+            "--out", str(out)]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.output.strip().splitlines()[-1])
+    assert line == json.loads(out.read_text())
+    assert line["name"] == "llmpack standard fp32" and line["threads"] == 1 and line["new_tokens"] == 4
+    assert len(line["decode_tps"]["runs"]) == 2 and line["decode_tps"]["min"] <= line["decode_tps"]["median"]
+    assert line["ttft_ms"]["median"] > 0 and line["peak_rss_mib"] > 0 and line["read_bandwidth_gbps"] > 0
+    assert line["artifact_bytes"] == sum(f.size for f in open_artifact(demo_artifact).manifest.files)
+    assert {"cpu", "cores"} <= set(line["machine"]) and "onnxruntime" in line["versions"]
+    assert 0 < line["roofline_fraction"]
+    CliRunner().invoke(bench, args)
+    assert len(out.read_text().splitlines()) == 2  # appended, never overwritten
+
+
+def test_bench_refuses_a_workload_beyond_the_context(demo_artifact, tmp_path):
+    result = CliRunner().invoke(bench, [str(demo_artifact), "--prompt-tokens", "3000", "--new-tokens", "100",
+                                        "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "exceed the artifact's context" in result.output
+
+
+def test_prompt_is_fixed_and_weight_bytes_match_the_110m_shape():
+    assert bench_workload.prompt_ids(5, 32000) == [1, 100, 107, 114, 121]
+    shape = ModelConfig(32000, 768, 2048, 12, 12, 12, 64, 1e-5, 10000.0, 4096, False)
+    fp32 = type("M", (), {"config": shape, "quant": None, "dtype": "fp32"})
+    assert abs(linear_weight_bytes(fp32) / 1e6 - 438) < 1  # the issue's 438 MB/token
+    int4 = type("M", (), {"config": shape, "quant": QuantInfo("int4", 4, 32, 4, True), "dtype": "fp32"})
+    assert abs(linear_weight_bytes(int4) / linear_weight_bytes(fp32) - (0.5 + 4 / 32) / 4) < 1e-3

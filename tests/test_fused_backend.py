@@ -1,0 +1,100 @@
+"""Runtime, `--graph ort-fused`: parity with PyTorch, batched decode == single-sequence decode, in-place cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import make_tiny_llama
+from llmpack.export.build import BuildOptions, build
+from llmpack.export.verify import verify
+from llmpack.runtime import manifest as names
+from llmpack.runtime import ort_fused_backend
+from llmpack.runtime.artifact import open_artifact, open_backend
+from llmpack.runtime.errors import BackendError
+from llmpack.runtime.ort_fused_backend import OrtFusedBackend
+
+
+@pytest.fixture(scope="module")
+def fused_stories(tmp_path_factory, stories_dir):
+    """head_dim 8: the graph pads heads to 16, what GroupQueryAttention on the CPU accepts."""
+    return build(BuildOptions(model=str(stories_dir), out=tmp_path_factory.mktemp("f") / "stories", graph="ort-fused")).path
+
+
+@pytest.fixture(scope="module")
+def fused_tiny(tmp_path_factory, demo_source):
+    """head_dim 16, untied head, 2 kv heads for 4 query heads: no padding, a separate fp32 head."""
+    root = tmp_path_factory.mktemp("tiny")
+    source = make_tiny_llama(root / "src", demo_source / "tokenizer.model", seed=7)
+    return build(BuildOptions(model=str(source), out=root / "fused", graph="ort-fused", max_context=64)).path
+
+
+def _backend(path, max_batch=4) -> OrtFusedBackend:
+    backend = open_backend(open_artifact(path), "cpu", threads=1, max_batch=max_batch)
+    assert isinstance(backend, OrtFusedBackend)
+    return backend
+
+
+@pytest.mark.parametrize("which", ["fused_stories", "fused_tiny"])
+def test_fused_artifact_passes_fp32_verify(request, which):
+    report = verify(request.getfixturevalue(which))
+    assert report.ok, report.table()
+
+
+def test_fused_graph_uses_the_fused_operators(fused_stories):
+    model = onnx.load(str(fused_stories / names.MODEL_FILE), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"} <= ops
+    assert "Concat" not in ops and "Softmax" not in ops  # no cache concatenation, attention is fused
+    assert open_artifact(fused_stories).manifest.graph_flavour == "ort-fused"
+
+
+def _alone(path, prompt: list[int], steps: int) -> list[np.ndarray]:
+    backend = _backend(path, max_batch=1)
+    logits = [backend.prefill(0, prompt)]
+    for _ in range(steps):
+        logits.append(backend.decode([0], [int(np.argmax(logits[-1]))])[0])
+    return logits
+
+
+def test_batched_decode_equals_single_sequence_decode(fused_tiny):
+    prompts = {0: [1, 5, 9, 13, 17, 21, 25], 2: [1, 40, 41]}  # different lengths; slot 1 stays idle
+    steps = 6
+    expected = {slot: _alone(fused_tiny, prompt, steps) for slot, prompt in prompts.items()}
+    backend = _backend(fused_tiny)
+    last = {slot: backend.prefill(slot, prompt) for slot, prompt in prompts.items()}
+    for step in range(steps):
+        slots = list(prompts)
+        for slot in slots:
+            np.testing.assert_allclose(last[slot], expected[slot][step], rtol=1e-4, atol=1e-4)
+        rows = backend.decode(slots, [int(np.argmax(last[s])) for s in slots])
+        last = dict(zip(slots, rows))
+    assert backend.cached_tokens(0) == 7 + steps and backend.cached_tokens(1) == 0
+
+
+def test_chunked_prefill_and_cache_growth_match_one_pass(fused_tiny, monkeypatch):
+    monkeypatch.setattr(ort_fused_backend, "MIN_CAPACITY", 4)  # force several in-place growths
+    prompt = [1] + list(range(30, 60))
+    whole = _backend(fused_tiny, 1).prefill(0, prompt)
+    backend = _backend(fused_tiny, 2)
+    backend.prefill(1, prompt[:5])
+    backend.prefill(1, prompt[5:11])
+    chunked = backend.prefill(1, prompt[11:])
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
+    assert backend.cache.capacity >= len(prompt) + 1 and backend.cache.rows == 2
+
+
+def test_reset_slot_starts_over_and_limits_are_enforced(fused_tiny):
+    backend = _backend(fused_tiny, 3)
+    first = backend.prefill(0, [1, 2, 3])
+    backend.decode([0], [4])
+    backend.reset(0)
+    np.testing.assert_allclose(backend.prefill(0, [1, 2, 3]), first, rtol=1e-5, atol=1e-5)
+    with pytest.raises(BackendError, match="not prefilled"):
+        backend.decode([1], [5])
+    with pytest.raises(BackendError, match="exceeds the artifact's context"):
+        backend.prefill(1, list(range(65)))
+    backend.prefill(1, list(range(64)))  # exactly full: as an idle row its dummy goes to the spare position
+    backend.prefill(2, [1, 2, 3])
+    np.testing.assert_allclose(backend.decode([2], [4])[0], _alone(fused_tiny, [1, 2, 3, 4], 0)[0], rtol=1e-4, atol=1e-4)
