@@ -26,6 +26,15 @@ def _hermetic_cache(tmp_path_factory):
         os.environ["LLMPACK_CACHE"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftover_servers():
+    """Servers a failing test did not stop are killed when the session ends."""
+    yield
+    from serving import ServerProcess
+
+    ServerProcess.kill_leftovers()
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

@@ -32,6 +32,15 @@ def free_port() -> int:
 class ServerProcess:
     """`llm-serve run ARTIFACT ...` as a child process; its log goes to a file the tests can read."""
 
+    started: list[ServerProcess] = []  # so a failed test cannot leave a server running after the session
+
+    @classmethod
+    def kill_leftovers(cls) -> None:
+        for server in cls.started:
+            if server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait(10)
+
     def __init__(self, artifact: Path, log_path: Path, *args: str, env: dict | None = None, port: int | None = None):
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -40,6 +49,7 @@ class ServerProcess:
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, **(env or {})})
+        ServerProcess.started.append(self)
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
