@@ -15,6 +15,7 @@ from pathlib import Path
 from llmpack.runtime.errors import ArtifactError
 
 MANIFEST_VERSION = 1
+GRAPH_FLAVOURS = ("standard", "ort-fused")  # plain ONNX ops (TensorRT-parseable); ORT contrib ops
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -177,6 +178,12 @@ class BuildManifest:
             raise ArtifactError(
                 f"manifest version {version!r} is not supported (this llmpack reads version "
                 f"{MANIFEST_VERSION}); rebuild the artifact with this llmpack's `llm-export build`"
+            )
+        flavour = data.get("graph_flavour", "standard")
+        if flavour not in GRAPH_FLAVOURS:
+            raise ArtifactError(
+                f"graph flavour {flavour!r} is unknown to this llmpack (it runs {', '.join(GRAPH_FLAVOURS)}); "
+                "rebuild the artifact with this llmpack's `llm-export build`"
             )
         try:
             return cls(

@@ -66,6 +66,8 @@ DAMAGES = {
     "unknown-manifest-version": (edit_manifest(lambda m: m.update(manifest_version=99)),
                                  "manifest version 99 is not supported (this llmpack reads version 1)"),
     "no-manifest-version": (edit_manifest(lambda m: m.pop("manifest_version")), "manifest version None"),
+    "unknown-graph-flavour": (edit_manifest(lambda m: m.update(graph_flavour="tensorrt-llm")),
+                              "graph flavour 'tensorrt-llm' is unknown to this llmpack"),
     "manifest-missing-a-field": (edit_manifest(lambda m: m.pop("config")), "does not match schema version 1"),
     "path-up-and-out": (name_file(0, "../model.onnx"), "manifest names '../model.onnx', which is outside"),
     "absolute-path": (name_file(2, "/etc/hostname"), "manifest names '/etc/hostname', which is outside"),
