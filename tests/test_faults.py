@@ -47,7 +47,9 @@ def test_sigterm_under_load_gives_every_client_a_final_answer_and_exits_0(demo_a
               for n in range(12)]
     with ThreadPoolExecutor(len(bodies)) as pool:
         futures = [pool.submit(one_client, server.base, body) for body in bodies]
-        wait_until(lambda: metric(httpx.get(server.base + "/metrics").text, "llmpack_requests_in_flight") >= 10)
+        # the 8 long requests stay in flight; the 4 short ones may already be done on a fast machine
+        wait_until(lambda: metric(httpx.get(server.base + "/metrics").text, "llmpack_requests_in_flight") >= 8,
+                   timeout=30)
         server.proc.send_signal(signal.SIGTERM)
         results = [future.result(timeout=30) for future in futures]
     assert server.proc.wait(timeout=20) == 0, server.log()
