@@ -164,13 +164,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--only", default="", help="Comma-separated substrings: run the matching contenders only.")
+    parser.add_argument("--label", default="", help="Suffix of the results files: <date><label>.md/.jsonl.")
     args = parser.parse_args()
     everyone = contenders(weight_bytes())
     chosen = [c for c in everyone if c.available() and (not args.only or any(s in c.name for s in args.only.split(",")))]
     for missing in (c for c in everyone if not c.available()):
         sys.stderr.write(f"skipping {missing.name}: not built (make bench builds it)\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y-%m-%d")
+    stamp = dt.datetime.now().strftime("%Y-%m-%d") + args.label
     raw = RESULTS / f"{stamp}.jsonl"
     records, loads = rounds(chosen, args, raw)
     lines = [header("llmpack vs peers: batch-1 decode on CPU (bench-110m)", "onnxruntime", "torch", "transformers"),
