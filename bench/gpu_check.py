@@ -24,7 +24,7 @@ from machine import header  # noqa: E402
 from llmpack.export.build import BuildOptions  # noqa: E402
 from llmpack.export.trt_build import EngineBuildOptions, build_with_engine  # noqa: E402
 from llmpack.export.verify import (LOGIT_TOLERANCE, Check, ParityReport,  # noqa: E402
-                                   _artifact_greedy, _load_reference, _reference_greedy, relative_error)
+                                   _artifact_greedy, _load_reference, _reference_greedy, parity_checks)
 from llmpack.runtime.artifact import CUDA_PROVIDER, ort_providers, open_artifact, open_backend  # noqa: E402
 from llmpack.runtime.cuda_device import GPU_EXTRA, cudart, cuda_call, probe_gpu  # noqa: E402
 from llmpack.runtime.trt_backend import tensorrt_version  # noqa: E402
@@ -49,24 +49,9 @@ def gpu_used_bytes() -> int:
 
 
 def parity(backend, prompt: list[int], reference, steps: int, tolerance: float) -> tuple[Check, ...]:
-    """The three rungs of `llm-export verify`, on the given backend."""
-    ref_logits, ref_tokens = reference
-    step_logits, tokens = _artifact_greedy(backend, prompt, steps)
-    backend.reset(0)
-    prefill_abs, prefill_rel = relative_error(step_logits[0], ref_logits)
-    worst = 0.0
-    for step in range(1, steps, max(1, steps // 4)):
-        worst = max(worst, relative_error(step_logits[step], backend.prefill(0, prompt + tokens[:step]))[1])
-        backend.reset(0)
-    first_diff = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
-    return (
-        Check("prefill logits rel. error", f"{prefill_rel:.2e} (max abs {prefill_abs:.2e})", f"< {tolerance:.0e}",
-              prefill_rel < tolerance),
-        Check(f"greedy {steps} tokens vs transformers", "identical" if first_diff is None else
-              f"differ from token {first_diff}", "identical", first_diff is None),
-        Check("KV-cache decode vs full forward", f"{worst:.2e}", f"< {tolerance:.0e}", worst < tolerance),
-        batched_check(backend, prompt, tokens, steps),
-    )
+    """The three rungs of `llm-export verify`, on the given backend, and the batched rung."""
+    return (*parity_checks(backend, prompt, reference, steps, tolerance),
+            batched_check(backend, prompt, _artifact_greedy(backend, prompt, steps)[1], steps))
 
 
 def batched_check(backend, prompt: list[int], alone: list[int], steps: int) -> Check:

@@ -9,6 +9,7 @@ import click
 
 from llmpack.cli.common import setup_logging, translate_errors
 from llmpack.cli.graph_options import graph_options
+from llmpack.runtime.artifact import BACKENDS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,13 +58,15 @@ def build(model: str, out: Path, dtype: str, max_context: int, system_prompt: st
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--steps", type=click.IntRange(min=1), default=32, show_default=True, help="Greedy decode steps.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="Backend whose answers are checked (cuda/tensorrt: on a GPU machine).")
 @translate_errors
-def verify(artifact: Path, steps: int) -> None:
+def verify(artifact: Path, steps: int, backend: str) -> None:
     """Check the artifact against its source model in PyTorch; exit non-zero on a parity failure."""
     from llmpack.export.verify import verify as run_verify
     from llmpack.runtime.errors import ParityError
 
-    report = run_verify(artifact, steps=steps)
+    report = run_verify(artifact, steps=steps, backend=backend)
     click.echo(report.table())
     if not report.ok:
         raise ParityError(f"{artifact} does not match its source model; rebuild it, and report a bug if it persists")

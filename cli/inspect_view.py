@@ -17,6 +17,29 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _axis(bounds: tuple[int, int, int]) -> str:
+    low, opt, high = bounds
+    return f"{low}…{high} (opt {opt})"
+
+
+def _optional_sections(m: BuildManifest) -> list[str]:
+    """What only some builds have: quantized weights, a TensorRT engine."""
+    lines = []
+    if m.quant is not None:
+        q = m.quant
+        lines.append(f"quant         {q.method}: {q.bits}-bit weights, block {q.block_size}, accuracy level "
+                     f"{q.accuracy_level}, {'symmetric' if q.symmetric else 'with zero points'}")
+    if m.engine is not None:
+        e = m.engine
+        lines.append(f"engine        TensorRT {e.tensorrt_version} for {e.gpu_name} (compute {e.compute_capability}), "
+                     f"max batch {e.max_batch}, workspace {_size(e.workspace_bytes)}, "
+                     f"{'strongly typed' if e.strongly_typed else 'weakly typed'}")
+        lines += [f"              profile {p.name:<8} batch {_axis(p.batch)}, seq {_axis(p.seq)}, past {_axis(p.past)}"
+                  for p in e.profiles]
+        lines += [f"                {f.path:<34} {_size(f.size):>10}  sha256 {f.sha256[:16]}…" for f in e.files]
+    return lines
+
+
 def describe(m: BuildManifest) -> str:
     c = m.config
     lines = [
@@ -26,6 +49,7 @@ def describe(m: BuildManifest) -> str:
         f"              rms_norm_eps {c.rms_norm_eps}, rope_theta {c.rope_theta}, tied embeddings {c.tie_word_embeddings}",
         f"build         {m.dtype}, context {m.max_context} (model max {c.max_position_embeddings}), opset {m.opset}, "
         f"graph {m.graph_flavour}",
+        *_optional_sections(m),
         f"tokens        BOS {m.bos_token_id}, stop {list(m.stop_token_ids)}",
         f"system prompt {m.default_system_prompt!r}",
         f"source        {m.source.path}",

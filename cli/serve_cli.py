@@ -1,4 +1,4 @@
-"""CLI edge of the runtime: `llm-serve infer | tokenize` (and `run`, the HTTP server), no torch."""
+"""CLI edge of the runtime: `llm-serve infer | tokenize | bench` (and `run`, the HTTP server), no torch."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from llmpack.cli.bench_cmd import bench
 from llmpack.cli.common import setup_logging, translate_errors
 from llmpack.runtime.artifact import BACKENDS
 from llmpack.runtime.errors import InvalidRequest
@@ -35,19 +36,27 @@ def read_request(request: str | None, overrides: dict) -> dict:
     return {**body, **{k: v for k, v in overrides.items() if v is not None}}
 
 
-BACKEND_KEY = "llmpack.backend"
+ENGINE_KEY = "llmpack.engine-options"
+REQUEST_KEY = "llmpack.request-overrides"
+
+
+def _remember(key: str):
+    """A click callback that files an option's value under ctx.meta[key] instead of the signature,
+    so every command decorated with the same option group reads them the same way."""
+    def callback(ctx: click.Context, param: click.Parameter, value):
+        ctx.meta.setdefault(key, {})[param.name] = value
+        return value
+    return callback
 
 
 def engine_options(f):
-    f = click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (default: all cores).")(f)
-    # Kept off the commands' signatures (load_engine reads it from the click context), so every
-    # command with engine_options gets it without each one threading it through.
-    f = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, expose_value=False,
-                     callback=lambda ctx, _param, value: ctx.meta.__setitem__(BACKEND_KEY, value),
+    remember = dict(expose_value=False, callback=_remember(ENGINE_KEY))
+    f = click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (default: all cores).", **remember)(f)
+    f = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, **remember,
                      help="Inference backend; auto: TensorRT if the artifact has an engine this GPU can run, "
                           "else ONNX Runtime CUDA, else CPU.")(f)
-    f = click.option("--system-prompt", default=None, help="System prompt for raw=false prompts ('' turns it off).")(f)
-    f = click.option("--no-verify-checksums", is_flag=True, help="Skip hashing artifact files at load (sizes still checked).")(f)
+    f = click.option("--system-prompt", default=None, help="System prompt for raw=false prompts ('' turns it off).", **remember)(f)
+    f = click.option("--no-verify-checksums", is_flag=True, help="Skip hashing artifact files at load (sizes still checked).", **remember)(f)
     return f
 
 
@@ -68,22 +77,31 @@ def connection_options(f):
 
 
 def request_options(f):
-    f = click.option("--seed", type=int, default=None)(f)
-    f = click.option("--temperature", type=float, default=None)(f)
-    f = click.option("--max-tokens", type=int, default=None)(f)
-    f = click.option("--stream/--no-stream", default=None, help="Print the event stream.")(f)
-    f = click.option("--raw", is_flag=True, default=None, help="Send the prompt without the chat template.")(f)
-    f = click.option("--prompt", default=None, help="Build the request from this prompt.")(f)
+    remember = dict(expose_value=False, callback=_remember(REQUEST_KEY))
+    f = click.option("--seed", type=int, default=None, **remember)(f)
+    f = click.option("--temperature", type=float, default=None, **remember)(f)
+    f = click.option("--max-tokens", type=int, default=None, **remember)(f)
+    f = click.option("--stream/--no-stream", default=None, help="Print the event stream.", **remember)(f)
+    f = click.option("--raw", is_flag=True, default=None, help="Send the prompt without the chat template.", **remember)(f)
+    f = click.option("--prompt", default=None, help="Build the request from this prompt.", **remember)(f)
     return f
 
 
-def load_engine(artifact: Path, threads, system_prompt, no_verify_checksums, max_batch: int = 1):
+def cli_request(request: str | None):
+    """REQUEST with the convenience flags applied, validated exactly as the server validates a body."""
+    from llmpack.runtime.protocol import parse_request
+
+    overrides = click.get_current_context().meta.get(REQUEST_KEY, {})
+    return parse_request(read_request(request, overrides))
+
+
+def load_engine(artifact: Path, max_batch: int = 1):
     from llmpack.runtime.engine import Engine, EngineOptions
 
-    context = click.get_current_context(silent=True)
-    backend = context.meta.get(BACKEND_KEY, "auto") if context else "auto"
-    options = EngineOptions(backend=backend, threads=threads, system_prompt=system_prompt,
-                            verify_checksums=not no_verify_checksums, max_batch=max_batch)
+    chosen = click.get_current_context().meta.get(ENGINE_KEY, {})
+    options = EngineOptions(backend=chosen.get("backend", "auto"), threads=chosen.get("threads"),
+                            system_prompt=chosen.get("system_prompt"),
+                            verify_checksums=not chosen.get("no_verify_checksums", False), max_batch=max_batch)
     return Engine.load(artifact, options)
 
 
@@ -100,14 +118,12 @@ def main(verbose: bool) -> None:
 @request_options
 @engine_options
 @translate_errors
-def infer(artifact, request, prompt, raw, stream, max_tokens, temperature, seed, threads, system_prompt,
-          no_verify_checksums):
+def infer(artifact, request):
     """Answer one REQUEST (JSON, @file or -) and print the response exactly as the server sends it."""
-    from llmpack.runtime.protocol import completion_json, parse_request, sse_event, sse_usage_event, SSE_DONE
+    from llmpack.runtime.protocol import completion_json, sse_event, sse_usage_event, SSE_DONE
 
-    overrides = dict(prompt=prompt, raw=raw, stream=stream, max_tokens=max_tokens, temperature=temperature, seed=seed)
-    parsed = parse_request(read_request(request, overrides))
-    engine = load_engine(artifact, threads, system_prompt, no_verify_checksums)
+    parsed = cli_request(request)
+    engine = load_engine(artifact)
     text_stream = engine.stream(parsed)
     out = sys.stdout.buffer
     if parsed.stream:
@@ -127,14 +143,9 @@ def infer(artifact, request, prompt, raw, stream, max_tokens, temperature, seed,
 @request_options
 @engine_options
 @translate_errors
-def tokenize(artifact, request, prompt, raw, stream, max_tokens, temperature, seed, threads, system_prompt,
-             no_verify_checksums):
+def tokenize(artifact, request):
     """Print the exact ids the model would be fed for REQUEST: {"tokens": [...], "count": N}."""
-    from llmpack.runtime.protocol import parse_request
-
-    overrides = dict(prompt=prompt, raw=raw, stream=stream, max_tokens=max_tokens, temperature=temperature, seed=seed)
-    parsed = parse_request(read_request(request, overrides))
-    ids = load_engine(artifact, threads, system_prompt, no_verify_checksums).prompt_ids(parsed)
+    ids = load_engine(artifact).prompt_ids(cli_request(request))
     click.echo(json.dumps({"tokens": ids, "count": len(ids)}))
 
 
@@ -158,15 +169,14 @@ def tokenize(artifact, request, prompt, raw, stream, max_tokens, temperature, se
 @engine_options
 @translate_errors
 def run(artifact, host, port, api_key, max_queue, max_body_bytes, stream_padding, shutdown_timeout, max_batch,
-        body_timeout, keep_alive_timeout, head_timeout, limit_concurrency, threads, system_prompt,
-        no_verify_checksums):
+        body_timeout, keep_alive_timeout, head_timeout, limit_concurrency):
     """Serve ARTIFACT over HTTP: Workers AI and OpenAI-compatible routes, /health, /ready, /metrics."""
     import logging
 
     from llmpack.runtime.server import ServerSettings, create_app
     from llmpack.runtime.uvicorn_runner import ConnectionLimits, serve  # imports uvicorn; fastapi comes with server
 
-    engine = load_engine(artifact, threads, system_prompt, no_verify_checksums, max_batch)
+    engine = load_engine(artifact, max_batch)
     settings = ServerSettings(api_key=api_key or None, max_queue=max_queue, max_body_bytes=max_body_bytes,
                               stream_padding=stream_padding, shutdown_timeout_s=shutdown_timeout,
                               body_timeout_s=body_timeout)
@@ -175,3 +185,6 @@ def run(artifact, host, port, api_key, max_queue, max_body_bytes, stream_padding
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     limits = ConnectionLimits(keep_alive_timeout, head_timeout, limit_concurrency)
     serve(app, host, port, description, shutdown_timeout, verbose, limits, drain=app.state.llm.drain)
+
+
+main.add_command(bench)

@@ -91,19 +91,12 @@ def _artifact_greedy(backend, prompt: list[int], steps: int) -> tuple[list[np.nd
     return logits, tokens
 
 
-def verify(artifact_path: Path | str, steps: int = 32, prompt_length: int = 16, seed: int = 0) -> ParityReport:
-    artifact = open_artifact(artifact_path)
-    manifest = artifact.manifest
-    tolerance = QUANT_CACHE_TOLERANCE if manifest.quant else LOGIT_TOLERANCE[manifest.dtype]
-    steps = min(steps, manifest.max_context - prompt_length)
-    rng = np.random.default_rng(seed)
-    prompt = [manifest.bos_token_id] + rng.integers(3, manifest.config.vocab_size, prompt_length - 1).tolist()
-
-    model = _load_reference(Path(manifest.source.path))
-    ref_logits, ref_tokens = _reference_greedy(model, prompt, steps)
-    backend = open_backend(artifact)
+def parity_checks(backend, prompt: list[int], reference: tuple[np.ndarray, list[int]], steps: int,
+                  tolerance: float) -> tuple[Check, ...]:
+    """The parity ladder on any backend: prefill logits ≈ PyTorch, greedy tokens == transformers
+    generate, cached decode ≈ a full forward of the same tokens."""
+    ref_logits, ref_tokens = reference
     step_logits, tokens = _artifact_greedy(backend, prompt, steps)
-
     prefill_abs, prefill_rel = relative_error(step_logits[0], ref_logits)
     worst_cache = 0.0
     for step in range(1, steps, max(1, steps // 4)):
@@ -111,7 +104,7 @@ def verify(artifact_path: Path | str, steps: int = 32, prompt_length: int = 16, 
         backend.reset(0)
         worst_cache = max(worst_cache, relative_error(step_logits[step], full)[1])
     first_diff = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
-    checks = (
+    return (
         Check("prefill logits rel. error", f"{prefill_rel:.2e} (max abs {prefill_abs:.2e})", f"< {tolerance:.0e}", prefill_rel < tolerance),
         Check(
             f"greedy {steps} tokens vs transformers generate",
@@ -121,8 +114,24 @@ def verify(artifact_path: Path | str, steps: int = 32, prompt_length: int = 16, 
         ),
         Check("KV-cache decode vs full forward", f"{worst_cache:.2e}", f"< {tolerance:.0e}", worst_cache < tolerance),
     )
+
+
+def verify(artifact_path: Path | str, steps: int = 32, prompt_length: int = 16, seed: int = 0,
+           backend: str = "auto") -> ParityReport:
+    """Check an artifact against its source checkpoint in PyTorch, on the backend `backend` picks."""
+    artifact = open_artifact(artifact_path)
+    manifest = artifact.manifest
+    tolerance = QUANT_CACHE_TOLERANCE if manifest.quant else LOGIT_TOLERANCE[manifest.dtype]
+    steps = min(steps, manifest.max_context - prompt_length)
+    rng = np.random.default_rng(seed)
+    prompt = [manifest.bos_token_id] + rng.integers(3, manifest.config.vocab_size, prompt_length - 1).tolist()
+
+    model = _load_reference(Path(manifest.source.path))
+    runner = open_backend(artifact, backend)
+    checks = parity_checks(runner, prompt, _reference_greedy(model, prompt, steps), steps, tolerance)
     if manifest.quant is not None:  # int8/int4 are judged on their predictions, not on 1e-4 logits
-        measured = quality.measure(model, backend, artifact.tokenizer_path, manifest.bos_token_id, manifest.max_context)
+        measured = quality.measure(model, runner, artifact.tokenizer_path, manifest.bos_token_id, manifest.max_context)
         checks = (*(Check(*row) for row in quality.judge(manifest.quant.method, measured)), checks[2])
-    label = ", ".join([manifest.dtype, manifest.graph_flavour] + ([manifest.quant.method] if manifest.quant else []))
+    label = ", ".join([manifest.dtype, manifest.graph_flavour] + ([manifest.quant.method] if manifest.quant else [])
+                      + [runner.name])
     return ParityReport(str(artifact.path), label, checks)

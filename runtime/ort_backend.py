@@ -83,7 +83,29 @@ def load_session(artifact: Path, manifest: BuildManifest, threads: int | None):
     return create_session(Path(artifact) / names.MODEL_FILE, threads)
 
 
-class OrtBackend:
+class CpuSessionBackend:
+    """What every ONNX Runtime CPU backend starts with: the session, the limits, the names of the
+    cache tensors in layer order (key, value per layer) and one cached length per slot."""
+
+    def __init__(self, artifact: Path, manifest: BuildManifest, threads: int | None, max_batch: int):
+        self.manifest = manifest
+        self.context_length = manifest.max_context
+        self.vocab_size = manifest.config.vocab_size
+        self.max_batch = max_batch
+        self.session = load_session(artifact, manifest, threads)
+        layers = range(manifest.config.num_layers)
+        self._past_names = [n for i in layers for n in (names.past_key_name(i), names.past_value_name(i))]
+        self._present_names = [n for i in layers for n in (names.present_key_name(i), names.present_value_name(i))]
+        self._lengths = [0] * max_batch
+
+    def cached_tokens(self, slot: int) -> int:
+        return self._lengths[slot]
+
+    def _check_room(self, slot: int, count: int) -> int:
+        return length_after(self._lengths[slot], count, self.context_length)
+
+
+class OrtBackend(CpuSessionBackend):
     """Slots of sequences on ONNX Runtime's CPU provider; batched decode over left-padded caches.
 
     Each slot keeps its own cache (OrtValues, never copied between steps). A batched decode stacks
@@ -94,23 +116,12 @@ class OrtBackend:
     name = "onnxruntime-cpu"
 
     def __init__(self, artifact: Path, manifest: BuildManifest, threads: int | None = None, max_batch: int = 1):
-        self.manifest = manifest
-        self.context_length = manifest.max_context
-        self.vocab_size = manifest.config.vocab_size
-        self.max_batch = max_batch
-        self.session = load_session(artifact, manifest, threads)
+        super().__init__(artifact, manifest, threads, max_batch)
         c = manifest.config
-        self._past_names = [n for i in range(c.num_layers) for n in (names.past_key_name(i), names.past_value_name(i))]
-        self._output_names = [names.LOGITS] + [
-            n for i in range(c.num_layers) for n in (names.present_key_name(i), names.present_value_name(i))
-        ]
+        self._output_names = [names.LOGITS, *self._present_names]
         self._empty_past = np.zeros((1, c.num_kv_heads, 0, c.head_dim), dtype=manifest.kv_dtype)
         self._pasts: list[list | None] = [None] * max_batch
-        self._lengths = [0] * max_batch
         self._batch: KVBatch | None = None
-
-    def cached_tokens(self, slot: int) -> int:
-        return self._lengths[slot]
 
     def _run(self, token_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Sequence) -> list:
         binding = self.session.io_binding()
@@ -126,9 +137,6 @@ class OrtBackend:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()
-
-    def _check_room(self, slot: int, count: int) -> int:
-        return length_after(self._lengths[slot], count, self.context_length)
 
     def _run_slot(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
         """One slot alone: its own cache, no padding."""

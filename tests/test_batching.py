@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from llmpack.runtime.batch_scheduler import PrefillPacer
 from llmpack.runtime.engine import Engine, EngineOptions
 from llmpack.runtime.protocol import parse_request
 from llmpack.runtime.sampling import SamplingParams
@@ -152,3 +153,22 @@ def test_leaving_keeps_a_dead_row_and_joining_restacks(demo_artifact):
         np.testing.assert_allclose(after_leave[row], reference[slot], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(joined[0], alone(prompts[0], [42, 43, 44]), rtol=1e-5, atol=1e-5)
     engine.close()
+
+
+def test_prefill_pacer_reads_whole_chunks_alone_and_one_decode_step_of_tokens_while_others_decode():
+    pacer = PrefillPacer(chunk=128, floor=16)
+    assert pacer.budget(others_decoding=True) == 128  # nothing measured yet
+    pacer.observe_decode(0.080)
+    pacer.observe_prefill(128, 0.022 + 0.0014 * 128)
+    assert pacer.budget(others_decoding=False) == 128
+    # A chunk costs 22 ms + 1.4 ms/token here; sizing by time/token converges on the chunk that
+    # costs one 80 ms decode step: (80 - 22) / 1.4 = 41 tokens.
+    for _ in range(30):
+        tokens = pacer.budget(others_decoding=True)
+        pacer.observe_prefill(tokens, 0.022 + 0.0014 * tokens)
+    assert abs(pacer.budget(others_decoding=True) - 41) <= 2
+    pacer.observe_decode(0.001)  # a decode step cheaper than any chunk: never below the floor
+    for _ in range(30):
+        pacer.observe_decode(0.001)
+    assert pacer.budget(others_decoding=True) == 16
+    assert PrefillPacer(chunk=8, floor=16).budget(others_decoding=True) == 8

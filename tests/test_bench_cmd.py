@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from llmpack.cli import bench_workload
 from llmpack.cli.bench_cmd import bench, linear_weight_bytes
+from llmpack.cli.serve_cli import main as llm_serve
 from llmpack.runtime.artifact import open_artifact
 from llmpack.runtime.manifest import ModelConfig, QuantInfo
 
@@ -32,8 +33,8 @@ def test_bench_prints_and_appends_one_json_line(demo_artifact, tmp_path, monkeyp
 
 
 def test_bench_refuses_a_workload_beyond_the_context(demo_artifact, tmp_path):
-    result = CliRunner().invoke(bench, [str(demo_artifact), "--prompt-tokens", "3000", "--new-tokens", "100",
-                                        "--out", str(tmp_path / "x")])
+    result = CliRunner().invoke(llm_serve, ["bench", str(demo_artifact), "--prompt-tokens", "3000",
+                                            "--new-tokens", "100", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "exceed the artifact's context" in result.output
 
 

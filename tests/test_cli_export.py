@@ -15,9 +15,12 @@ def test_build_verify_inspect_demo(tmp_path):
     assert "built, fp16, context 3072" in first.output
     again = runner.invoke(main, ["build", "--model", "demo", "--out", str(out), "--dtype", "fp16"])
     assert again.exit_code == 0 and "up to date" in again.output
-    checked = runner.invoke(main, ["verify", str(out)])
+    checked = runner.invoke(main, ["verify", str(out), "--backend", "cpu"])
     assert checked.exit_code == 0, checked.output
     assert "greedy 32 tokens vs transformers generate  identical" in checked.output
+    assert "onnxruntime-cpu" in checked.output  # the report names the backend it checked
+    no_engine = runner.invoke(main, ["verify", str(out), "--backend", "tensorrt"])
+    assert no_engine.exit_code != 0 and "--backend tensorrt cannot run" in no_engine.output
     shown = runner.invoke(main, ["inspect", str(out)])
     assert shown.exit_code == 0 and "4 layers" in shown.output and "8 heads / 2 kv heads" in shown.output
 

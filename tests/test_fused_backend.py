@@ -98,3 +98,19 @@ def test_reset_slot_starts_over_and_limits_are_enforced(fused_tiny):
     backend.prefill(1, list(range(64)))  # exactly full: as an idle row its dummy goes to the spare position
     backend.prefill(2, [1, 2, 3])
     np.testing.assert_allclose(backend.decode([2], [4])[0], _alone(fused_tiny, [1, 2, 3, 4], 0)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_join_reuses_the_cache_and_a_growth_keeps_every_used_row(fused_tiny, monkeypatch):
+    monkeypatch.setattr(ort_fused_backend, "MIN_CAPACITY", 8)
+    backend = _backend(fused_tiny, 4)
+    first = backend.prefill(0, [1, 5, 9])
+    buffers = list(backend.cache.buffers)
+    backend.prefill(3, [1, 7])  # a request joins in the last row: no reallocation, no copy
+    assert all(a is b for a, b in zip(buffers, backend.cache.buffers))
+    backend.prefill(1, [1] + list(range(30, 50)))  # past the capacity: one growth for all rows
+    assert backend.cache.capacity >= 22 and backend.cache.rows == 4
+    expected = _alone(fused_tiny, [1, 5, 9], 1)
+    np.testing.assert_allclose(first, expected[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(backend.decode([0], [int(np.argmax(first))])[0], expected[1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(BackendError, match="max batch"):
+        backend.cache.ensure(5, 4)

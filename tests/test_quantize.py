@@ -101,6 +101,9 @@ def test_manifest_round_trip_of_quant_and_flavour(tmp_path, stories_dir):
     assert manifest.graph_flavour == "ort-fused"
     assert (manifest.quant.method, manifest.quant.bits, manifest.quant.block_size) == ("int4", 4, 64)
     assert manifest.quant.accuracy_level == 4 and manifest.quant.symmetric is False
+    from llmpack.cli.inspect_view import describe
+
+    assert "quant         int4: 4-bit weights, block 64, accuracy level 4, with zero points" in describe(manifest)
     data = json.loads((tmp_path / "a" / names.MANIFEST_FILE).read_text())
     for key in ("quant", "graph_flavour"):  # a manifest written before these fields existed
         data.pop(key)

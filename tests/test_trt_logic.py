@@ -269,6 +269,15 @@ def test_engine_section_round_trips_and_old_manifests_load(tmp_path):
         read_manifest(tmp_path)
 
 
+def test_inspect_shows_the_engine_it_was_built_with():
+    from llmpack.cli.inspect_view import describe
+
+    shown = describe(make_manifest(engine=make_engine()))
+    assert "engine        TensorRT 10.13.3.9 for NVIDIA H100 80GB HBM3 (compute 9.0), max batch 4" in shown
+    assert "profile decode   batch 1…4 (opt 4), seq 1…1 (opt 1), past 0…3071 (opt 1536)" in shown
+    assert "engine" not in describe(make_manifest())
+
+
 def test_engine_from_another_tensorrt_or_gpu_says_rebuild(caplog):
     manifest = make_manifest(engine=make_engine())
     assert engine_problem(manifest, "art", "10.13.3.9", H100) is None
