@@ -55,8 +55,12 @@ bench-model: install
 bench-decode-paths: bench-model
 	$(BIN)/python bench/decode_paths.py artifacts/bench-110m
 
+# Continuous batching under 1/4/8/16 streaming clients: the ort-fused fp32 artifact (in-place KV cache, the
+# CPU serving path) and, for comparison, the standard graph (left-padded batches).
 bench-serve: bench-model
-	$(BIN)/python bench/serve_bench.py artifacts/bench-110m
+	$(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-fp32 --graph ort-fused
+	$(BIN)/python bench/serve_bench.py artifacts/bench-110m-fused-fp32
+	$(BIN)/python bench/serve_bench.py artifacts/bench-110m --label=-standard
 
 # On a machine with an NVIDIA GPU, TensorRT and onnxruntime-gpu (see README, GPU): engines for the demo and
 # stories260k models, parity of each backend with the CPU reference, TTFT, tokens/s and GPU memory.
@@ -84,8 +88,47 @@ $(GENAI):
 	$(PEERS)/genai/bin/pip install -q onnxruntime-genai==0.18.0 onnx-ir onnxruntime==1.31.1 torch==2.13.0 \
 	    transformers sentencepiece protobuf
 
+# llama.cpp through llama-cpp-python 0.3.36, compiled here from its sdist (CPU only, native, OpenMP, no BLAS;
+# ~10 min on 2 busy cores, niced). The unpacked sdist also gives the HF -> GGUF converter and its gguf-py; the
+# converter needs torch, transformers and sentencepiece, which go in the same venv. The stamp marks a finished install.
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_SRC := $(PEERS)/llamacpp-src/llama_cpp_python-$(LLAMACPP_VERSION)
+LLAMACPP_STAMP := $(PEERS)/llamacpp/.installed
+LLAMACPP := $(PEERS)/llamacpp/bin/python
+
+$(LLAMACPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py:
+	mkdir -p $(PEERS)/llamacpp-src
+	nice -n 19 $(PYTHON) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_VERSION) \
+	    -d $(PEERS)/llamacpp-src
+	tar xzf $(PEERS)/llamacpp-src/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz -C $(PEERS)/llamacpp-src
+	touch $@
+
+$(LLAMACPP_STAMP): $(LLAMACPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py
+	test -x $(LLAMACPP) || $(PYTHON) -m venv $(PEERS)/llamacpp
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_OPENMP=ON" nice -n 19 $(PEERS)/llamacpp/bin/pip install -q \
+	    $(PEERS)/llamacpp-src/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
+	$(PEERS)/llamacpp/bin/pip install -q torch==2.13.0 transformers sentencepiece safetensors protobuf \
+	    $(LLAMACPP_SRC)/vendor/llama.cpp/gguf-py
+	touch $@
+
+# GGUF f32 by the sdist's converter (straight from the HF checkpoint), then q8_0 and q4_0 by llama.cpp's own
+# quantizer (llama_model_quantize, what the llama-quantize tool calls, with its default per-tensor choices:
+# q4_0 keeps output.weight in q6_K). Each is written under a temporary name and moved in place when complete.
+LLAMACPP_MODEL := $(PEERS)/models/llamacpp-110m
+LLAMACPP_GGUF := $(addprefix $(LLAMACPP_MODEL)-,f32.gguf q8_0.gguf q4_0.gguf)
+
+$(LLAMACPP_MODEL)-f32.gguf: $(LLAMACPP_STAMP) | bench-model
+	mkdir -p $(PEERS)/models
+	nice -n 19 $(LLAMACPP) $(LLAMACPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py $(SRC_110M) \
+	    --outtype f32 --outfile $@.tmp && mv $@.tmp $@
+
+$(LLAMACPP_MODEL)-q8_0.gguf $(LLAMACPP_MODEL)-q4_0.gguf: $(LLAMACPP_MODEL)-%.gguf: $(LLAMACPP_MODEL)-f32.gguf
+	nice -n 19 $(LLAMACPP) -c "import ctypes, sys, llama_cpp as L; p = L.llama_model_quantize_default_params(); \
+	    p.ftype = L.LLAMA_FTYPE_MOSTLY_$(subst q,Q,$*); \
+	    sys.exit(L.llama_model_quantize(b'$<', b'$@.tmp', ctypes.byref(p)))" && mv $@.tmp $@
+
 # Its builder reads the tokenizer through transformers, which needs a tokenizer_config.json beside tokenizer.model.
-bench-peers: $(GENAI) bench-model
+bench-peers: $(GENAI) $(LLAMACPP_GGUF) bench-model
 	mkdir -p $(PEERS)/src-110m $(PEERS)/models
 	ln -sf $(abspath $(SRC_110M))/* $(PEERS)/src-110m/
 	echo '{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}' \

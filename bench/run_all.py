@@ -26,7 +26,9 @@ from machine import header  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 PYTHON = str(REPO / ".venv" / "bin" / "python")
-PEER_PYTHON = {"genai": str(REPO / "artifacts" / ".peers" / "genai" / "bin" / "python")}
+PEER_PYTHON = {"genai": str(REPO / "artifacts" / ".peers" / "genai" / "bin" / "python"),
+               "llamacpp": str(REPO / "artifacts" / ".peers" / "llamacpp" / "bin" / "python")}
+LLAMACPP_TYPES = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}  # llmpack precision -> GGUF file type
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ def contenders(weight_bytes: dict[str, int]) -> list[Contender]:
         found.append(Contender(f"onnxruntime-genai {precision}", "onnxruntime-genai", precision, (
             genai, str(REPO / "bench" / "peers" / "genai_run.py"), str(models / f"genai-110m-{precision}"),
             "--weight-bytes", str(weight_bytes[precision]))))
+    for precision, gguf_type in LLAMACPP_TYPES.items():
+        # No --weight-bytes: the runner counts the GGUF's own 2-D weight bytes (q4_0 keeps the head in q6_K).
+        found.append(Contender(f"llama.cpp {gguf_type}", "llama.cpp (llama-cpp-python)", precision, (
+            PEER_PYTHON["llamacpp"], str(REPO / "bench" / "peers" / "llamacpp_run.py"),
+            str(models / f"llamacpp-110m-{gguf_type}.gguf"))))
     for dtype, precision in (("float32", "fp32"), ("bfloat16", "bf16")):
         found.append(Contender(f"transformers eager {precision}", "transformers + torch (eager)", precision, (
             PYTHON, str(REPO / "bench" / "peers" / "hf_run.py"), hf_source, "--dtype", dtype,
@@ -131,6 +138,11 @@ def report(table: dict[str, dict], loads: list[float], args) -> list[str]:
             lines.append(f"- {precision}: llmpack ort-fused / onnxruntime-genai decode "
                          f"{ours['tps_median'] / peer['tps_median']:.2f}×, TTFT "
                          f"{statistics.median(ours['ttft']):.0f} vs {statistics.median(peer['ttft']):.0f} ms")
+        cpp = table.get(f"llama.cpp {LLAMACPP_TYPES[precision]}")
+        if ours and cpp and precision != "fp32":
+            lines.append(f"- {precision} vs {LLAMACPP_TYPES[precision]}: llmpack ort-fused / llama.cpp decode "
+                         f"{ours['tps_median'] / cpp['tps_median']:.2f}×, TTFT "
+                         f"{statistics.median(ours['ttft']):.0f} vs {statistics.median(cpp['ttft']):.0f} ms")
         standard = table.get(f"llmpack standard {precision}")
         if ours and standard:
             lines.append(f"- {precision}: llmpack ort-fused / standard decode {ours['tps_median'] / standard['tps_median']:.2f}×")

@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--label", default="", help="Suffix of the results file: serve-<date><label>.md.")
     args = parser.parse_args()
     proc, base = start_server(args.artifact, args.max_batch, args.threads)
     try:
@@ -120,7 +121,7 @@ def main() -> None:
                      f"{1000 * row['ttft_p50']:.0f} / {1000 * row['ttft_p99']:.0f} | "
                      f"{1000 * row['itl_p50']:.1f} / {1000 * row['itl_p99']:.1f} | "
                      f"{row['itl_p99'] / single['itl_p99']:.2f} |")
-    out = Path(__file__).resolve().parent / "results" / f"serve-{dt.date.today().isoformat()}.md"
+    out = Path(__file__).resolve().parent / "results" / f"serve-{dt.date.today().isoformat()}{args.label}.md"
     out.write_text("\n".join(lines) + "\n")
     sys.stdout.write("\n".join(lines) + f"\n\nwritten to {out}\n")
 
