@@ -61,6 +61,7 @@ bench-serve: bench-model
 	$(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-fp32 --graph ort-fused
 	$(BIN)/python bench/serve_bench.py artifacts/bench-110m-fused-fp32
 	$(BIN)/python bench/serve_bench.py artifacts/bench-110m --label=-standard
+	$(BIN)/python bench/serve_bench.py artifacts/bench-110m-fused-fp32 --in-process --label=-engine
 
 # On a machine with an NVIDIA GPU, TensorRT and onnxruntime-gpu (see README, GPU): engines for the demo and
 # stories260k models, parity of each backend with the CPU reference, TTFT, tokens/s and GPU memory.

@@ -58,10 +58,18 @@ def wait_ready(proc: subprocess.Popen, base: str, hint: str = "") -> None:
     raise SystemExit(f"the server did not become ready in 60 s{hint}")
 
 
+def request_body(new_tokens: int) -> dict:
+    return {"prompt": PROMPT, "raw": True, "stream": True, "max_tokens": new_tokens, "temperature": 0}
+
+
+def timing(start: float, stamps: list[float], tokens: int) -> dict:
+    return {"ttft": stamps[0] - start, "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": tokens}
+
+
 def one_request(base: str, new_tokens: int) -> dict:
-    body = {"prompt": PROMPT, "raw": True, "stream": True, "max_tokens": new_tokens, "temperature": 0}
     start, stamps, usage = time.perf_counter(), [], None
-    with httpx.stream("POST", base + "/ai/run/@cf/meta/llama-2-7b-chat-fp16", json=body, timeout=600) as response:
+    with httpx.stream("POST", base + "/ai/run/@cf/meta/llama-2-7b-chat-fp16", json=request_body(new_tokens),
+                      timeout=600) as response:
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -70,14 +78,27 @@ def one_request(base: str, new_tokens: int) -> dict:
                 usage = event["usage"]
             elif event.get("response"):
                 stamps.append(time.perf_counter())
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"ttft": stamps[0] - start, "gaps": gaps, "tokens": usage["completion_tokens"]}
+    return timing(start, stamps, usage["completion_tokens"])
 
 
-def run_level(base: str, clients: int, requests_per_client: int, new_tokens: int) -> dict:
+def engine_sender(engine):
+    """`--in-process`: the same requests straight into the Engine (no HTTP, no client process), to
+    tell the batching engine's own numbers from what the server and the clients add on 2 cores."""
+    from llmpack.runtime.protocol import parse_request
+
+    def send(new_tokens: int) -> dict:
+        start, stamps = time.perf_counter(), []
+        stream = engine.stream(parse_request(request_body(new_tokens)))
+        for _ in stream:
+            stamps.append(time.perf_counter())
+        return timing(start, stamps, stream.usage.completion_tokens)
+    return send
+
+
+def run_level(send, clients: int, requests_per_client: int, new_tokens: int) -> dict:
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        jobs = [pool.submit(lambda: [one_request(base, new_tokens) for _ in range(requests_per_client)])
+        jobs = [pool.submit(lambda: [send(new_tokens) for _ in range(requests_per_client)])
                 for _ in range(clients)]
         results = [r for job in jobs for r in job.result()]
     wall = time.perf_counter() - start
@@ -92,6 +113,29 @@ def run_level(base: str, clients: int, requests_per_client: int, new_tokens: int
             "itl_p50": statistics.median(gaps), "itl_p99": pct(gaps, 0.99)}
 
 
+def run_levels(args) -> list[dict]:
+    levels = [int(n) for n in args.levels.split(",")]
+    if args.in_process:
+        from llmpack.runtime.engine import Engine, EngineOptions
+
+        engine = Engine.load(args.artifact, EngineOptions(max_batch=args.max_batch, threads=args.threads,
+                                                          verify_checksums=False))
+        send = engine_sender(engine)
+        try:
+            send(8)  # warm-up
+            return [run_level(send, n, args.requests_per_client, args.new_tokens) for n in levels]
+        finally:
+            engine.close()
+    proc, base = start_server(args.artifact, args.max_batch, args.threads)
+    try:
+        one_request(base, 8)  # warm-up
+        return [run_level(lambda tokens: one_request(base, tokens), n, args.requests_per_client, args.new_tokens)
+                for n in levels]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("artifact", type=Path)
@@ -101,16 +145,13 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--label", default="", help="Suffix of the results file: serve-<date><label>.md.")
+    parser.add_argument("--in-process", action="store_true",
+                        help="Drive the Engine directly instead of `llm-serve run` over HTTP (a diagnostic).")
     args = parser.parse_args()
-    proc, base = start_server(args.artifact, args.max_batch, args.threads)
-    try:
-        one_request(base, 8)  # warm-up
-        rows = [run_level(base, int(n), args.requests_per_client, args.new_tokens) for n in args.levels.split(",")]
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    rows = run_levels(args)
     single = rows[0]
-    lines = [header("llm-serve under concurrent streaming clients", "onnxruntime", "numpy", "uvicorn"),
+    title = "the engine (in process, no HTTP)" if args.in_process else "llm-serve"
+    lines = [header(f"{title} under concurrent streaming clients", "onnxruntime", "numpy", "uvicorn"),
              f"artifact `{args.artifact.name}`, raw prompt of {len(PROMPT)} characters, {args.new_tokens} new tokens "
              f"(greedy), {args.requests_per_client} requests per client, --max-batch {args.max_batch}, "
              f"--threads {args.threads}, load before the run: {os.getloadavg()[0]:.2f}", "",
