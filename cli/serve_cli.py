@@ -112,12 +112,15 @@ def main(verbose: bool) -> None:
     setup_logging(verbose)
 
 
-@main.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.argument("request", required=False)
-@request_options
-@engine_options
-@translate_errors
+def request_command(command):
+    """`llm-serve COMMAND ARTIFACT [REQUEST]` with the request flags and the engine options."""
+    for decorate in (translate_errors, engine_options, request_options, click.argument("request", required=False),
+                     click.argument("artifact", type=click.Path(path_type=Path)), main.command()):
+        command = decorate(command)
+    return command
+
+
+@request_command
 def infer(artifact, request):
     """Answer one REQUEST (JSON, @file or -) and print the response exactly as the server sends it."""
     from llmpack.runtime.protocol import completion_json, sse_event, sse_usage_event, SSE_DONE
@@ -137,12 +140,7 @@ def infer(artifact, request):
     out.flush()
 
 
-@main.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.argument("request", required=False)
-@request_options
-@engine_options
-@translate_errors
+@request_command
 def tokenize(artifact, request):
     """Print the exact ids the model would be fed for REQUEST: {"tokens": [...], "count": N}."""
     ids = load_engine(artifact).prompt_ids(cli_request(request))
