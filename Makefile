@@ -128,8 +128,28 @@ $(LLAMACPP_MODEL)-q8_0.gguf $(LLAMACPP_MODEL)-q4_0.gguf: $(LLAMACPP_MODEL)-%.ggu
 	    p.ftype = L.LLAMA_FTYPE_MOSTLY_$(subst q,Q,$*); \
 	    sys.exit(L.llama_model_quantize(b'$<', b'$@.tmp', ctypes.byref(p)))" && mv $@.tmp $@
 
+# Hugging Face Optimum: optimum-onnx 0.1.0's ORTModelForCausalLM needs optimum 2.1.x and transformers < 4.58 (llmpack
+# has 5.x), hence its own venv, every version pinned (~1.5 min, niced). The stamp marks a finished install.
+OPTIMUM_STAMP := $(PEERS)/optimum/.installed
+OPTIMUM_MODEL := $(PEERS)/models/optimum-110m-fp32
+
+$(OPTIMUM_STAMP):
+	test -x $(PEERS)/optimum/bin/python || $(PYTHON) -m venv $(PEERS)/optimum
+	nice -n 19 $(PEERS)/optimum/bin/pip install -q optimum-onnx==0.1.0 optimum==2.1.0 transformers==4.57.6 \
+	    onnx==1.23.2 onnxruntime==1.31.1 torch==2.13.0 numpy==2.4.6 sentencepiece==0.2.3 protobuf==7.36.2
+	touch $@
+
+# Optimum's own exporter, fp32 with past key values (no --optimize), straight from the HF checkpoint (~45 s);
+# offline, its cache under artifacts/.peers; written under a temporary name and moved in place when complete.
+$(OPTIMUM_MODEL)/model.onnx: $(OPTIMUM_STAMP) | bench-model
+	mkdir -p $(PEERS)/models $(PEERS)/cache/hf
+	rm -rf $(OPTIMUM_MODEL).tmp $(OPTIMUM_MODEL)
+	HF_HOME=$(PEERS)/cache/hf HF_HUB_OFFLINE=1 nice -n 19 $(PEERS)/optimum/bin/optimum-cli export onnx \
+	    --model $(SRC_110M) --task text-generation-with-past --dtype fp32 $(OPTIMUM_MODEL).tmp
+	mv $(OPTIMUM_MODEL).tmp $(OPTIMUM_MODEL)
+
 # Its builder reads the tokenizer through transformers, which needs a tokenizer_config.json beside tokenizer.model.
-bench-peers: $(GENAI) $(LLAMACPP_GGUF) bench-model
+bench-peers: $(GENAI) $(LLAMACPP_GGUF) $(OPTIMUM_MODEL)/model.onnx bench-model
 	mkdir -p $(PEERS)/src-110m $(PEERS)/models
 	ln -sf $(abspath $(SRC_110M))/* $(PEERS)/src-110m/
 	echo '{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}' \

@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 PEER_PYTHON = {"genai": str(REPO / "artifacts" / ".peers" / "genai" / "bin" / "python"),
-               "llamacpp": str(REPO / "artifacts" / ".peers" / "llamacpp" / "bin" / "python")}
+               "llamacpp": str(REPO / "artifacts" / ".peers" / "llamacpp" / "bin" / "python"),
+               "optimum": str(REPO / "artifacts" / ".peers" / "optimum" / "bin" / "python")}
 LLAMACPP_TYPES = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}  # llmpack precision -> GGUF file type
 
 
@@ -63,6 +64,9 @@ def contenders(weight_bytes: dict[str, int]) -> list[Contender]:
         found.append(Contender(f"llama.cpp {gguf_type}", "llama.cpp (llama-cpp-python)", precision, (
             PEER_PYTHON["llamacpp"], str(REPO / "bench" / "peers" / "llamacpp_run.py"),
             str(models / f"llamacpp-110m-{gguf_type}.gguf"))))
+    found.append(Contender("optimum-onnx fp32", "Optimum (optimum-onnx ORTModelForCausalLM)", "fp32", (
+        PEER_PYTHON["optimum"], str(REPO / "bench" / "peers" / "optimum_run.py"), str(models / "optimum-110m-fp32"),
+        "--weight-bytes", str(weight_bytes["fp32"]))))
     for dtype, precision in (("float32", "fp32"), ("bfloat16", "bf16")):
         found.append(Contender(f"transformers eager {precision}", "transformers + torch (eager)", precision, (
             PYTHON, str(REPO / "bench" / "peers" / "hf_run.py"), hf_source, "--dtype", dtype,
@@ -143,6 +147,11 @@ def report(table: dict[str, dict], loads: list[float], args) -> list[str]:
             lines.append(f"- {precision} vs {LLAMACPP_TYPES[precision]}: llmpack ort-fused / llama.cpp decode "
                          f"{ours['tps_median'] / cpp['tps_median']:.2f}×, TTFT "
                          f"{statistics.median(ours['ttft']):.0f} vs {statistics.median(cpp['ttft']):.0f} ms")
+        optimum = table.get(f"optimum-onnx {precision}")
+        if ours and optimum:
+            lines.append(f"- {precision}: llmpack ort-fused / optimum-onnx decode "
+                         f"{ours['tps_median'] / optimum['tps_median']:.2f}×, TTFT "
+                         f"{statistics.median(ours['ttft']):.0f} vs {statistics.median(optimum['ttft']):.0f} ms")
         standard = table.get(f"llmpack standard {precision}")
         if ours and standard:
             lines.append(f"- {precision}: llmpack ort-fused / standard decode {ours['tps_median'] / standard['tps_median']:.2f}×")
