@@ -156,7 +156,7 @@ def report(table: dict[str, dict], loads: list[float], args) -> list[str]:
         if ours and standard:
             lines.append(f"- {precision}: llmpack ort-fused / standard decode {ours['tps_median'] / standard['tps_median']:.2f}×")
     lines += ["", f"Machine load (1-min average) before each contender: min {min(loads):.2f}, median "
-              f"{statistics.median(loads):.2f}, max {max(loads):.2f} (2 cores; other work was running when it is > 1).",
+              f"{statistics.median(loads):.2f}, max {max(loads):.2f} (2 cores; the benchmark's own two threads keep it near 2, so above ~2.5 other work was running).",
               f"Workload: {args.prompt_tokens}-token prompt (cli/bench_workload.py prompt_ids), exactly {args.new_tokens} "
               f"new tokens greedy (stop tokens ignored), batch 1, {args.threads} threads, {args.rounds} rounds × "
               f"{args.runs} generations pooled, warm-up excluded, each contender in its own process, order rotated "
