@@ -172,3 +172,56 @@ def test_prefill_pacer_reads_whole_chunks_alone_and_one_decode_step_of_tokens_wh
         pacer.observe_decode(0.001)
     assert pacer.budget(others_decoding=True) == 16
     assert PrefillPacer(chunk=8, floor=16).budget(others_decoding=True) == 8
+
+
+class TimedFakeBackend:
+    """Costs like a CPU model (1 ms per prompt token, 20 ms per decode step); always predicts token 5."""
+
+    name, context_length, vocab_size, max_batch = "fake", 4096, 16, 2
+
+    def __init__(self):
+        self.lengths = [0, 0]
+        self.chunks: list[tuple[int, bool]] = []  # (tokens, was another slot holding a sequence)
+
+    def _logits(self, rows: int) -> np.ndarray:
+        logits = np.zeros((rows, self.vocab_size), np.float32)
+        logits[:, 5] = 1.0
+        return logits
+
+    def cached_tokens(self, slot: int) -> int:
+        return self.lengths[slot]
+
+    def prefill(self, slot, token_ids):
+        self.chunks.append((len(token_ids), self.lengths[1 - slot] > 0))
+        time.sleep(0.001 * len(token_ids))
+        self.lengths[slot] += len(token_ids)
+        return self._logits(1)[0]
+
+    def decode(self, slots, token_ids):
+        time.sleep(0.02)
+        for slot in slots:
+            self.lengths[slot] += 1
+        return self._logits(len(slots))
+
+    def reset(self, slot):
+        self.lengths[slot] = 0
+
+
+def test_a_prompt_joining_running_decodes_is_read_in_chunks_of_about_one_decode_step():
+    from llmpack.runtime.batch_scheduler import BatchScheduler
+
+    backend = TimedFakeBackend()
+    scheduler = BatchScheduler(backend, prefill_chunk=128)
+    greedy = SamplingParams(temperature=0)
+    running = iter(scheduler.submit([1] + [3] * 149, 300, greedy, stop_ids=()))
+    for _ in range(5):
+        next(running)  # decoding, with its step time measured
+    joining = scheduler.submit([1] + [4] * 299, 1, greedy, stop_ids=())
+    assert list(joining) == [5]
+    alone, *joined = backend.chunks
+    assert alone == (128, False)  # nobody decoding: a whole chunk
+    sizes = [tokens for tokens, others in joined[:-1] if others]
+    # 20 ms steps at ~1 ms per token: chunks of about 20 tokens (the floor is 16), not 128
+    assert sizes and all(16 <= size <= 40 for size in sizes), backend.chunks
+    running.close()
+    scheduler.close()
