@@ -10,6 +10,9 @@ import functools
 
 import click
 
+from llmpack.export.quantize import BLOCK_SIZES, QUANT_BITS
+from llmpack.runtime.manifest import GRAPH_FLAVOURS, STANDARD_GRAPH
+
 # Defaults chosen by measurement (README "Performance on CPU" and "Quantization quality"): accuracy
 # level 4 (int8 activations) is the only fast MatMulNBits path on this CPU for either width (level 0
 # decodes int8 at 2 tok/s, int4 at 21 on bench-110m), and block 32 keeps int4 closest to fp32.
@@ -18,12 +21,12 @@ DEFAULT_ACCURACY_LEVEL = 4
 
 
 def graph_options(command):
-    @click.option("--graph", type=click.Choice(["standard", "ort-fused"]), default="standard", show_default=True,
+    @click.option("--graph", type=click.Choice(GRAPH_FLAVOURS), default=STANDARD_GRAPH, show_default=True,
                   help="standard: plain ONNX ops (TensorRT parses them); ort-fused: ONNX Runtime's fused "
                        "contrib ops with an in-place KV cache (fastest on the CPU).")
-    @click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+    @click.option("--quant", type=click.Choice(list(QUANT_BITS)), default="none", show_default=True,
                   help="Weight-only block-wise quantization of every Linear, head included (MatMulNBits).")
-    @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]),
+    @click.option("--block-size", type=click.Choice([str(size) for size in BLOCK_SIZES]),
                   default=str(DEFAULT_BLOCK_SIZE), show_default=True, help="With --quant: weights per scale.")
     @click.option("--accuracy-level", type=click.IntRange(0, 4), default=DEFAULT_ACCURACY_LEVEL, show_default=True,
                   help="With --quant: MatMulNBits compute type for activations (0 as is, 4 int8).")

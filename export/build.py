@@ -155,10 +155,8 @@ def _write_artifact(checkpoint: Checkpoint, source: SourceInfo, staging: Path, o
     quant = options.quant_spec
     if options.graph == fused.FLAVOUR:
         inputs, outputs = write_fused_graph(checkpoint, staging, max_context, quant, options.progress)
-    elif quant.enabled:
+    else:
         inputs, outputs = write_decoder_graph(checkpoint, staging, options.dtype, options.progress, quant)
-    else:  # the plain build, called exactly as before --quant existed
-        inputs, outputs = write_decoder_graph(checkpoint, staging, options.dtype, options.progress)
     shutil.copyfile(checkpoint.path / checkpoint.tokenizer_file, staging / names.TOKENIZER_FILE)
     files = tuple(digest_file(staging, f) for f in (names.MODEL_FILE, names.WEIGHTS_FILE, names.TOKENIZER_FILE))
     manifest = BuildManifest(

@@ -57,7 +57,7 @@ class Probes:
 
 
 def _cuda_problem(manifest: BuildManifest, probes: Probes) -> str | None:
-    if manifest.graph_flavour != "standard":  # the device KV cache follows the standard graph's interface
+    if manifest.graph_flavour != names.STANDARD_GRAPH:  # the device KV cache follows the standard graph's interface
         return f"the CUDA backend runs the standard graph, this artifact's is {manifest.graph_flavour!r}"
     if CUDA_PROVIDER not in probes.ort_providers():
         return (f"onnxruntime has no {CUDA_PROVIDER} (the CPU build is installed): "
@@ -105,7 +105,7 @@ def open_backend(artifact: Artifact, backend: str = "auto", threads: int | None 
         from llmpack.runtime.ort_cuda_backend import OrtCudaBackend
 
         instance = OrtCudaBackend(artifact.path, artifact.manifest, max_batch=max_batch)
-    elif artifact.manifest.graph_flavour == "ort-fused":  # contrib ops + in-place KV cache
+    elif artifact.manifest.graph_flavour == names.FUSED_GRAPH:  # contrib ops + in-place KV cache
         from llmpack.runtime.ort_fused_backend import OrtFusedBackend
 
         instance = OrtFusedBackend(artifact.path, artifact.manifest, threads=threads, max_batch=max_batch)

@@ -4,8 +4,9 @@ A single thread owns the backend. Each iteration it admits waiting sequences int
 come, first served), runs ONE prefill chunk of the oldest sequence still reading its prompt (so a
 long prompt never stalls everyone's decoding for its whole length), then ONE batched decode step
 for all sequences that have a token to feed. While others are decoding, the chunk is sized by
-`PrefillPacer` to cost about one decode step, so a joining prompt at most doubles their gap. Finished or cancelled sequences leave at once and
-their slot (and its KV memory) is reused by the next in line.
+`PrefillPacer` to cost about one decode step, so a joining prompt at most doubles their gap.
+Finished or cancelled sequences leave at once and their slot (and its KV memory) is reused by the
+next in line.
 """
 
 from __future__ import annotations

@@ -6,11 +6,10 @@ here (runtime side, so serving needs no export code). The standard flavour's nam
 
 from __future__ import annotations
 
+from llmpack.runtime.manifest import FUSED_GRAPH as FLAVOUR
+from llmpack.runtime.manifest import GRAPH_FLAVOURS as FLAVOURS
+from llmpack.runtime.manifest import STANDARD_GRAPH as STANDARD
 from llmpack.runtime.manifest import ModelConfig
-
-FLAVOUR = "ort-fused"
-STANDARD = "standard"
-FLAVOURS = (STANDARD, FLAVOUR)
 
 # GroupQueryAttention's per-row cache bookkeeping: after a step a row holds seqlens_k + 1 tokens.
 SEQLENS_K = "seqlens_k"  # int32 [batch]

@@ -15,7 +15,9 @@ from pathlib import Path
 from llmpack.runtime.errors import ArtifactError
 
 MANIFEST_VERSION = 1
-GRAPH_FLAVOURS = ("standard", "ort-fused")  # plain ONNX ops (TensorRT-parseable); ORT contrib ops
+STANDARD_GRAPH = "standard"  # plain ONNX ops: TensorRT parses them
+FUSED_GRAPH = "ort-fused"  # ONNX Runtime contrib ops, in-place KV cache (fused_interface.py)
+GRAPH_FLAVOURS = (STANDARD_GRAPH, FUSED_GRAPH)
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -157,7 +159,7 @@ class BuildManifest:
     llmpack_version: str
     tool_versions: dict[str, str]
     built_at: str
-    graph_flavour: str = "standard"  # plain ONNX ops, parseable by TensorRT; "ort-fused": ONNX Runtime contrib ops
+    graph_flavour: str = STANDARD_GRAPH  # or FUSED_GRAPH
     default_system_prompt: str | None = None
     manifest_version: int = MANIFEST_VERSION
     extra: dict[str, str] = field(default_factory=dict)
@@ -179,7 +181,7 @@ class BuildManifest:
                 f"manifest version {version!r} is not supported (this llmpack reads version "
                 f"{MANIFEST_VERSION}); rebuild the artifact with this llmpack's `llm-export build`"
             )
-        flavour = data.get("graph_flavour", "standard")
+        flavour = data.get("graph_flavour", STANDARD_GRAPH)
         if flavour not in GRAPH_FLAVOURS:
             raise ArtifactError(
                 f"graph flavour {flavour!r} is unknown to this llmpack (it runs {', '.join(GRAPH_FLAVOURS)}); "

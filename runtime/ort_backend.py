@@ -69,14 +69,6 @@ def create_session(model_path: Path, threads: int | None = None):
         raise ArtifactError(f"ONNX Runtime cannot load {model_path} ({exc}); rebuild the artifact") from exc
 
 
-def length_after(length: int, count: int, context: int) -> int:
-    """A slot's length once `count` tokens are appended; refuses to grow past the context."""
-    total = length + count
-    if total > context:
-        raise BackendError(f"sequence of {total} tokens exceeds the artifact's context of {context}")
-    return total
-
-
 def load_session(artifact: Path, manifest: BuildManifest, threads: int | None):
     """Refuse what cannot fit, then open the artifact's graph: how every CPU backend starts."""
     check_memory(manifest, sum(f.size for f in manifest.files if f.path == names.WEIGHTS_FILE))
@@ -102,7 +94,11 @@ class CpuSessionBackend:
         return self._lengths[slot]
 
     def _check_room(self, slot: int, count: int) -> int:
-        return length_after(self._lengths[slot], count, self.context_length)
+        """The slot's length once `count` tokens are appended; refuses to grow past the context."""
+        total = self._lengths[slot] + count
+        if total > self.context_length:
+            raise BackendError(f"sequence of {total} tokens exceeds the artifact's context of {self.context_length}")
+        return total
 
 
 class OrtBackend(CpuSessionBackend):

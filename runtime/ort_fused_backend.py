@@ -63,7 +63,7 @@ class SharedCache:
         capacity = self.capacity or MIN_CAPACITY
         while capacity < length:
             capacity *= 2
-        capacity = min(max(capacity, length), self.limit)
+        capacity = min(capacity, self.limit)
         grown = []
         for old in self.buffers or [None] * self.count:
             new = np.zeros((self.max_rows, self.kv_heads, capacity, self.head_dim), np.float32)

@@ -18,7 +18,7 @@ import numpy as np
 from llmpack.runtime.cuda_device import GPU_EXTRA, CudaDevice, GpuInfo, probe_gpu
 from llmpack.runtime.device_kv import Binding, DeviceKvBackend, Step, fit_slots
 from llmpack.runtime.errors import ArtifactError, BackendError
-from llmpack.runtime.manifest import BuildManifest, EngineProfile, sha256_file
+from llmpack.runtime.manifest import STANDARD_GRAPH, BuildManifest, EngineProfile, sha256_file
 
 log = logging.getLogger("llmpack.runtime")
 
@@ -36,7 +36,7 @@ def tensorrt_version() -> str | None:
 
 def graph_problem(graph_flavour: str, quantized: bool) -> str | None:
     """TensorRT's ONNX parser takes plain ONNX ops only: not ONNX Runtime's contrib ops."""
-    if graph_flavour != "standard":
+    if graph_flavour != STANDARD_GRAPH:
         return (f"TensorRT cannot parse the {graph_flavour!r} graph (ONNX Runtime contrib ops); "
                 "build the standard graph for --engine trt")
     if quantized:

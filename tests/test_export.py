@@ -119,7 +119,7 @@ def test_rebuild_is_idempotent_and_force_rebuilds(tmp_path, tiny_sources):
 
 
 def test_interrupted_build_leaves_no_artifact(tmp_path, tiny_sources, monkeypatch):
-    def explode(checkpoint, folder, dtype, progress=False):
+    def explode(checkpoint, folder, dtype, progress=False, quant=None):
         (folder / names.MODEL_FILE).write_bytes(b"half written")
         raise KeyboardInterrupt
 
