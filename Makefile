@@ -8,7 +8,7 @@ FUZZ_EXAMPLES ?= 300
 FUZZ_SEED ?=
 SOAK_SECONDS ?= 180
 
-.PHONY: install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve gpu-check clean bench bench-variants bench-peers
+.PHONY: install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-step-costs gpu-check clean bench bench-variants bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ bench-serve: bench-model
 	$(BIN)/python bench/serve_bench.py artifacts/bench-110m-fused-fp32
 	$(BIN)/python bench/serve_bench.py artifacts/bench-110m --label=-standard
 	$(BIN)/python bench/serve_bench.py artifacts/bench-110m-fused-fp32 --in-process --label=-engine
+
+# What one step costs by prompt chunk, batch and cache capacity (README, continuous batching).
+bench-step-costs: bench-model
+	$(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-fp32 --graph ort-fused
+	$(BIN)/python bench/step_costs.py artifacts/bench-110m-fused-fp32
 
 # On a machine with an NVIDIA GPU, TensorRT and onnxruntime-gpu (see README, GPU): engines for the demo and
 # stories260k models, parity of each backend with the CPU reference, TTFT, tokens/s and GPU memory.

@@ -35,8 +35,8 @@ class PrefillPacer:
     others decode, each chunk should cost about one decode step of the running batch, so their
     inter-token gap at most doubles while a prompt joins. The cost per prompt token is a running
     average of time / tokens; since a chunk also pays a fixed pass over the weights, sizing by it
-    converges (a fixed point) on the chunk whose time equals the decode step. Measured on bench-110m
-    fp32 (2 cores): prefill 22 ms + 1.4 ms/token, batch-8 decode step 40 ms.
+    converges (a fixed point) on the chunk whose time equals the decode step. bench/step_costs.py on
+    bench-110m fused fp32 (2 cores): prefill ~25 ms + 1.2 ms/token, batch-8 decode step 36-43 ms.
     """
 
     SMOOTHING = 0.3

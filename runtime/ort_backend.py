@@ -51,10 +51,13 @@ def check_memory(manifest: BuildManifest, weights_bytes: int) -> None:
         log.warning("fp16 artifact on the CPU backend: ONNX Runtime upcasts its weights to fp32 (twice the memory)")
 
 
-def create_session(model_path: Path, threads: int | None = None):
+def create_session(model_path: Path, threads: int | None = None, profile_prefix: str | None = None):
+    """The CPU session every backend (and bench/step_costs.py, with ORT's profiler on) runs."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if profile_prefix is not None:
+        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

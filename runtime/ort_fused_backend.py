@@ -26,9 +26,8 @@ from llmpack.runtime.ort_backend import CpuSessionBackend
 log = logging.getLogger("llmpack.runtime")
 
 MIN_CAPACITY = 128  # positions allocated up front; grown by doubling (one copy each time) as sequences grow
-# Not more: GroupQueryAttention's CPU cost grows with the capacity, not just the length (ORT profile,
-# bench-110m, batch 8: 50 tokens 2.9 ms per step at capacity 128, 6.9 ms at 256; 10 tokens 4.5 ms at
-# 256, 17 ms at 1024).
+# Not more: GroupQueryAttention's CPU cost grows with the capacity, not just the length
+# (bench/step_costs.py on bench-110m, batch 8: 10 tokens 3.8 ms per step at capacity 256, 15.3 ms at 1024).
 
 
 class SharedCache:
