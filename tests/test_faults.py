@@ -6,6 +6,7 @@ SIGKILL leaves nothing behind, so the same command on the same port serves again
 
 from __future__ import annotations
 
+import re
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,24 +39,36 @@ def assert_ended_cleanly(status: int, raw: bytes, stream: bool) -> str:
     return "cancelled"
 
 
+def generations_started(base: str) -> float:
+    """Requests a worker has taken up: running now, or ended with any outcome."""
+    text = httpx.get(base + "/metrics").text
+    ended = sum(float(n) for n in re.findall(r"^llmpack_generations_total\{[^}]*\} (\S+)$", text, re.MULTILINE))
+    return metric(text, "llmpack_requests_in_flight") - metric(text, "llmpack_queue_depth") + ended
+
+
 def test_sigterm_under_load_gives_every_client_a_final_answer_and_exits_0(demo_artifact, tmp_path):
     server = ServerProcess(demo_artifact, tmp_path / "serve.log", "--shutdown-timeout", "4", "--max-batch", "4",
                            "--max-queue", "8")
-    # Long ones cannot finish within the timeout, short ones can (with room for a loaded CI machine);
+    # Short ones can finish within the timeout (with room for a loaded CI machine), long ones cannot;
     # streamed and not; some only queued.
     bodies = [{"prompt": f"Go on {n}", "max_tokens": 2900 if n % 3 else 16, "temperature": 0, "stream": n % 2 == 0}
               for n in range(12)]
+    short = [n for n, body in enumerate(bodies) if body["max_tokens"] == 16]
     with ThreadPoolExecutor(len(bodies)) as pool:
-        futures = [pool.submit(one_client, server.base, body) for body in bodies]
-        # the 8 long requests stay in flight; the 4 short ones may already be done on a fast machine
+        futures = {n: pool.submit(one_client, server.base, bodies[n]) for n in short}
+        # The short ones hold the 4 batch slots before any long one arrives, so they are never left queued
+        # behind long ones (which made this test depend on thread start order).
+        wait_until(lambda: generations_started(server.base) >= len(short), timeout=30)
+        futures |= {n: pool.submit(one_client, server.base, body) for n, body in enumerate(bodies) if n not in short}
+        # 8 long requests: 4 running, 4 queued
         wait_until(lambda: metric(httpx.get(server.base + "/metrics").text, "llmpack_requests_in_flight") >= 8,
                    timeout=30)
         server.proc.send_signal(signal.SIGTERM)
-        results = [future.result(timeout=30) for future in futures]
+        results = [futures[n].result(timeout=30) for n in range(len(bodies))]
     assert server.proc.wait(timeout=20) == 0, server.log()
     outcomes = [assert_ended_cleanly(status, raw, body["stream"]) for (status, raw), body in zip(results, bodies)]
-    # both endings must occur; exact counts depend on the machine's speed
-    assert outcomes.count("done") >= 1 and outcomes.count("cancelled") >= 1, outcomes
+    assert [outcomes[n] for n in short] == ["done"] * len(short), outcomes
+    assert outcomes.count("cancelled") == len(bodies) - len(short), outcomes
     assert "timeout graceful shutdown exceeded" not in server.log()  # uvicorn never had to cut anything
 
 
