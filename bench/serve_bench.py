@@ -34,11 +34,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(artifact: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(artifact: Path, max_batch: int, threads: int, mixed_steps: bool) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     serve = Path(sys.executable).with_name("llm-serve")
     proc = subprocess.Popen([str(serve), "run", str(artifact), "--port", str(port), "--max-batch", str(max_batch),
-                             "--threads", str(threads), "--no-verify-checksums"],
+                             "--threads", str(threads), "--no-verify-checksums",
+                             "--mixed-steps" if mixed_steps else "--no-mixed-steps"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "LLMPACK_API_KEY": ""})
     base = f"http://127.0.0.1:{port}"
     wait_ready(proc, base)
@@ -119,14 +120,14 @@ def run_levels(args) -> list[dict]:
         from llmpack.runtime.engine import Engine, EngineOptions
 
         engine = Engine.load(args.artifact, EngineOptions(max_batch=args.max_batch, threads=args.threads,
-                                                          verify_checksums=False))
+                                                          verify_checksums=False, mixed_steps=args.mixed_steps))
         send = engine_sender(engine)
         try:
             send(8)  # warm-up
             return [run_level(send, n, args.requests_per_client, args.new_tokens) for n in levels]
         finally:
             engine.close()
-    proc, base = start_server(args.artifact, args.max_batch, args.threads)
+    proc, base = start_server(args.artifact, args.max_batch, args.threads, args.mixed_steps)
     try:
         one_request(base, 8)  # warm-up
         return [run_level(lambda tokens: one_request(base, tokens), n, args.requests_per_client, args.new_tokens)
@@ -147,6 +148,8 @@ def main() -> None:
     parser.add_argument("--label", default="", help="Suffix of the results file: serve-<date><label>.md.")
     parser.add_argument("--in-process", action="store_true",
                         help="Drive the Engine directly instead of `llm-serve run` over HTTP (a diagnostic).")
+    parser.add_argument("--no-mixed-steps", dest="mixed_steps", action="store_false",
+                        help="ort-fused artifacts: prefill joining prompts in passes of their own (the A/B baseline).")
     args = parser.parse_args()
     rows = run_levels(args)
     single = rows[0]
@@ -154,7 +157,7 @@ def main() -> None:
     lines = [header(f"{title} under concurrent streaming clients", "onnxruntime", "numpy", "uvicorn"),
              f"artifact `{args.artifact.name}`, raw prompt of {len(PROMPT)} characters, {args.new_tokens} new tokens "
              f"(greedy), {args.requests_per_client} requests per client, --max-batch {args.max_batch}, "
-             f"--threads {args.threads}, load before the run: {os.getloadavg()[0]:.2f}", "",
+             f"--threads {args.threads}, mixed steps {'on' if args.mixed_steps else 'off'}, load before the run: {os.getloadavg()[0]:.2f}", "",
              "| clients | generated tok/s | × single | TTFT p50 / p99 ms | inter-token p50 / p99 ms | p99 ITL × single |",
              "|---|---|---|---|---|---|"]
     for row in rows:

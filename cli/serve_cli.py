@@ -101,7 +101,8 @@ def load_engine(artifact: Path, max_batch: int = 1):
     chosen = click.get_current_context().meta.get(ENGINE_KEY, {})
     options = EngineOptions(backend=chosen.get("backend", "auto"), threads=chosen.get("threads"),
                             system_prompt=chosen.get("system_prompt"),
-                            verify_checksums=not chosen.get("no_verify_checksums", False), max_batch=max_batch)
+                            verify_checksums=not chosen.get("no_verify_checksums", False), max_batch=max_batch,
+                            mixed_steps=chosen.get("mixed_steps", True))
     return Engine.load(artifact, options)
 
 
@@ -163,6 +164,10 @@ def tokenize(artifact, request):
               help="Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled.")
 @click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True,
               help="Requests decoded together in one batched step (continuous batching).")
+@click.option("--mixed-steps/--no-mixed-steps", default=True, show_default=True, expose_value=False,
+              callback=_remember(ENGINE_KEY),
+              help="ort-fused artifacts: read a joining prompt inside the running decode step (one pass over the "
+                   "weights); costs a second ONNX Runtime session, i.e. the weights held twice in memory.")
 @connection_options
 @engine_options
 @translate_errors

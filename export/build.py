@@ -26,6 +26,7 @@ from pathlib import Path
 from llmpack.export.checkpoint import Checkpoint, open_checkpoint
 from llmpack.export.demo import demo_cache_dir, write_demo_checkpoint
 from llmpack.export.fused_graph import write_fused_graph
+from llmpack.export.mixed_graph import write_mixed_graph
 from llmpack.export.graph import OPSET, write_decoder_graph
 from llmpack.export.quantize import ACCURACY_LEVELS, BLOCK_SIZES, QUANT_BITS, QuantSpec
 from llmpack.runtime import __version__
@@ -91,6 +92,8 @@ def build_key(source_files: tuple[FileDigest, ...], options: BuildOptions, max_c
     }
     if options.graph != fused.STANDARD or options.quant != "none":  # old artifacts keep their keys
         material |= {"graph": options.graph, "quant": dataclasses.asdict(options.quant_spec)}
+    if options.graph == fused.FLAVOUR:  # fused artifacts gained mixed.onnx: older ones are rebuilt
+        material["mixed_step_graph"] = fused.MIXED_MODEL_FILE
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
@@ -153,12 +156,15 @@ def _check_disk(checkpoint: Checkpoint, folder: Path, dtype: str) -> None:
 def _write_artifact(checkpoint: Checkpoint, source: SourceInfo, staging: Path, options: BuildOptions,
                     max_context: int, key: str) -> BuildManifest:
     quant = options.quant_spec
+    graph_files = (names.MODEL_FILE, names.WEIGHTS_FILE)
     if options.graph == fused.FLAVOUR:
         inputs, outputs = write_fused_graph(checkpoint, staging, max_context, quant, options.progress)
+        write_mixed_graph(staging)
+        graph_files += (fused.MIXED_MODEL_FILE,)
     else:
         inputs, outputs = write_decoder_graph(checkpoint, staging, options.dtype, options.progress, quant)
     shutil.copyfile(checkpoint.path / checkpoint.tokenizer_file, staging / names.TOKENIZER_FILE)
-    files = tuple(digest_file(staging, f) for f in (names.MODEL_FILE, names.WEIGHTS_FILE, names.TOKENIZER_FILE))
+    files = tuple(digest_file(staging, f) for f in (*graph_files, names.TOKENIZER_FILE))
     manifest = BuildManifest(
         name=options.out.name,
         config=checkpoint.config,

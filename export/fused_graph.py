@@ -26,6 +26,8 @@ from llmpack.runtime import manifest as names
 from llmpack.runtime.manifest import ModelConfig, TensorSpec
 
 F32 = "float32"
+# The head's inputs, named so that mixed_graph.py can widen them to the decode rows + the chunk's last
+LAST_HIDDEN, LAST_RESIDUAL = "last_position_hidden", "last_position_residual"
 
 
 def interface(config: ModelConfig) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -123,7 +125,8 @@ class FusedLlamaGraph:
         """Final norm and head on the last position only: [batch, vocab]."""
         g, c = self.g, self.c
         last = [g.constant([-1], np.int64), g.constant([2**62], np.int64), g.constant([1], np.int64)]
-        normed, _ = self.norm(g.add("Slice", [mlp_out, *last]), "model.norm.weight", g.add("Slice", [residual, *last]))
+        normed, _ = self.norm(g.add("Slice", [mlp_out, *last], name=LAST_HIDDEN), "model.norm.weight",
+                              g.add("Slice", [residual, *last], name=LAST_RESIDUAL))
         flat = g.add("Reshape", [normed, g.constant([-1, c.hidden_size], np.int64)])
         if c.tie_word_embeddings and not self.quant.enabled:  # the fp32 Gather table doubles as the head
             g.add("Gemm", [flat, "model.embed_tokens.weight"], name=names.LOGITS, transB=1)

@@ -94,7 +94,7 @@ def select_backend(requested: str, artifact: Artifact, probes: Probes = Probes()
 
 
 def open_backend(artifact: Artifact, backend: str = "auto", threads: int | None = None, max_batch: int = 1,
-                 probes: Probes = Probes()):
+                 probes: Probes = Probes(), mixed_steps: bool = True):
     """The backend that will run this artifact; the decode loop sees only the Backend interface."""
     chosen, why = select_backend(backend, artifact, probes)
     if chosen == "tensorrt":
@@ -108,7 +108,8 @@ def open_backend(artifact: Artifact, backend: str = "auto", threads: int | None 
     elif artifact.manifest.graph_flavour == names.FUSED_GRAPH:  # contrib ops + in-place KV cache
         from llmpack.runtime.ort_fused_backend import OrtFusedBackend
 
-        instance = OrtFusedBackend(artifact.path, artifact.manifest, threads=threads, max_batch=max_batch)
+        instance = OrtFusedBackend(artifact.path, artifact.manifest, threads=threads, max_batch=max_batch,
+                                   mixed_steps=mixed_steps)
     else:
         from llmpack.runtime.ort_backend import OrtBackend
 

@@ -28,6 +28,9 @@ class EngineOptions:
     verify_checksums: bool = True
     max_batch: int = 8  # sequences decoded together in one step
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    # ort-fused artifacts: a joining prompt shares the decode step's pass over the weights (a second
+    # ONNX Runtime session: the weights are held twice); False saves that memory
+    mixed_steps: bool = True
 
 
 class Engine:
@@ -47,7 +50,8 @@ class Engine:
     def load(cls, path: Path | str, options: EngineOptions = EngineOptions()) -> Engine:
         artifact = open_artifact(path, verify_checksums=options.verify_checksums)
         tokenizer = Tokenizer.from_file(artifact.tokenizer_path)
-        backend = open_backend(artifact, options.backend, options.threads, options.max_batch)
+        backend = open_backend(artifact, options.backend, options.threads, options.max_batch,
+                               mixed_steps=options.mixed_steps)
         system = options.system_prompt
         if system is None:
             stored = artifact.manifest.default_system_prompt

@@ -16,6 +16,21 @@ SEQLENS_K = "seqlens_k"  # int32 [batch]
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar: max over rows of seqlens_k + 1
 AXIS_CAPACITY = "capacity"  # the cache buffers' time axis: preallocated, shared by past and present
 
+# The mixed-step graph (mixed.onnx, beside model.onnx and sharing its weights file): ONE pass over the
+# weights runs a decode step for a batch (the inputs above, seq 1) AND a prompt chunk of one more
+# sequence. Its logits are [batch + 1, vocab]: the decode rows, then the chunk's last position.
+MIXED_MODEL_FILE = "mixed.onnx"
+CHUNK_IDS = "chunk_input_ids"  # int64 [1, chunk]
+CHUNK_SEQLENS_K = "chunk_seqlens_k"  # int32 [1]
+CHUNK_TOTAL_SEQUENCE_LENGTH = "chunk_total_sequence_length"  # int32 scalar
+AXIS_CHUNK = "chunk"
+CHUNK_PREFIX = "chunk."  # + a past/present name: the chunk row's view of the same cache buffer
+
+
+def chunk_name(cache_name: str) -> str:
+    return CHUNK_PREFIX + cache_name
+
+
 # ONNX Runtime's CPU GroupQueryAttention refuses head sizes that are not a multiple of 16.
 HEAD_ALIGN = 16
 

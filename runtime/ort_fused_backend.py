@@ -21,7 +21,7 @@ from llmpack.runtime import fused_interface as fused
 from llmpack.runtime import manifest as names
 from llmpack.runtime.errors import ArtifactError, BackendError
 from llmpack.runtime.manifest import BuildManifest
-from llmpack.runtime.ort_backend import CpuSessionBackend
+from llmpack.runtime.ort_backend import CpuSessionBackend, load_session
 
 log = logging.getLogger("llmpack.runtime")
 
@@ -91,19 +91,20 @@ class StepBinding:
     (measured: the per-call binding cost 0.63 ms of an 8 ms int4 step on bench-110m).
     """
 
-    def __init__(self, session, rows: int, seq: int, vocab: int):
-        from onnxruntime import OrtValue
-
+    def __init__(self, session, rows: int, seq: int, vocab: int, logit_rows: int | None = None):
         self.session = session
         self.ids = np.zeros((rows, seq), np.int64)
         self.seqlens = np.zeros(rows, np.int32)
         self.total = np.zeros((), np.int32)
-        self.logits = np.zeros((rows, vocab), np.float32)
+        self.logits = np.zeros((logit_rows or rows, vocab), np.float32)
         self.binding = session.io_binding()
-        for name, array in ((names.INPUT_IDS, self.ids), (fused.SEQLENS_K, self.seqlens),
-                            (fused.TOTAL_SEQUENCE_LENGTH, self.total)):
-            self.binding.bind_ortvalue_input(name, OrtValue.ortvalue_from_numpy(array))
-        self.binding.bind_ortvalue_output(names.LOGITS, OrtValue.ortvalue_from_numpy(self.logits))
+        self._bind_inputs(((names.INPUT_IDS, self.ids), (fused.SEQLENS_K, self.seqlens),
+                           (fused.TOTAL_SEQUENCE_LENGTH, self.total)))
+        self.binding.bind_ortvalue_output(names.LOGITS, _ortvalue(self.logits))
+
+    def _bind_inputs(self, arrays) -> None:
+        for name, array in arrays:
+            self.binding.bind_ortvalue_input(name, _ortvalue(array))
 
     def bind_cache(self, past: list[str], present: list[str], views: list) -> None:
         for past_name, present_name, value in zip(past, present, views):
@@ -116,19 +117,54 @@ class StepBinding:
         return self.logits
 
 
+class MixedStepBinding(StepBinding):
+    """The mixed graph's binding: decode rows 0..rows-1 plus one prompt chunk of `chunk` tokens at
+    `chunk_row`, whose cache is bound as a one-row view of the same buffers."""
+
+    def __init__(self, session, rows: int, chunk: int, vocab: int):
+        super().__init__(session, rows, 1, vocab, logit_rows=rows + 1)
+        self.chunk_ids = np.zeros((1, chunk), np.int64)
+        self.chunk_seqlens = np.zeros(1, np.int32)
+        self.chunk_total = np.zeros((), np.int32)
+        self._bind_inputs(((fused.CHUNK_IDS, self.chunk_ids), (fused.CHUNK_SEQLENS_K, self.chunk_seqlens),
+                           (fused.CHUNK_TOTAL_SEQUENCE_LENGTH, self.chunk_total)))
+
+    def run(self) -> np.ndarray:
+        self.chunk_total[...] = self.chunk_seqlens[0] + 1
+        return super().run()
+
+
+def _ortvalue(array: np.ndarray):
+    from onnxruntime import OrtValue
+
+    return OrtValue.ortvalue_from_numpy(array)
+
+
 class OrtFusedBackend(CpuSessionBackend):
     """Slots of sequences on ONNX Runtime's CPU provider over an `ort-fused` artifact."""
 
     name = "onnxruntime-cpu-fused"
 
-    def __init__(self, artifact: Path, manifest: BuildManifest, threads: int | None = None, max_batch: int = 1):
+    def __init__(self, artifact: Path, manifest: BuildManifest, threads: int | None = None, max_batch: int = 1,
+                 mixed_steps: bool = True):
         if manifest.graph_flavour != fused.FLAVOUR:
             raise ArtifactError(f"{manifest.name} is a {manifest.graph_flavour!r} artifact, not {fused.FLAVOUR!r}")
-        super().__init__(artifact, manifest, threads, max_batch)
+        mixing = mixed_steps and max_batch > 1 and any(f.path == fused.MIXED_MODEL_FILE for f in manifest.files)
+        super().__init__(artifact, manifest, threads, max_batch, spinning=not mixing)
         c = manifest.config
         self.cache = SharedCache(c.num_layers, c.num_kv_heads, fused.kv_head_dim(c),
                                  manifest.max_context + 1, max_batch)
         self._bindings: dict[tuple[int, int, int], StepBinding] = {}
+        self.mixed_session = None
+        if mixing:
+            # a second session: the weights are held (prepacked) twice; artifacts built before mixed.onnx do not mix
+            log.info("mixed steps on: a joining prompt's chunks share the decode step's pass over the weights")
+            self.mixed_session = load_session(artifact, manifest, threads, fused.MIXED_MODEL_FILE, spinning=False)
+
+    @property
+    def can_mix(self) -> bool:
+        """Whether decode_and_prefill runs as one pass (else the scheduler calls decode and prefill)."""
+        return self.mixed_session is not None
 
     def _step(self, first_row: int, rows: int, seq: int, length: int) -> StepBinding:
         """The binding for rows first_row..first_row+rows fed `seq` tokens, with cache room for `length`."""
@@ -169,6 +205,39 @@ class OrtFusedBackend(CpuSessionBackend):
         for slot in slots:
             self._lengths[slot] += 1
         return logits[list(slots)]  # a copy: the binding's array is overwritten by the next step
+
+    def decode_and_prefill(self, slots: Sequence[int], token_ids: Sequence[int], chunk_slot: int,
+                           chunk_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """decode(slots, token_ids) and prefill(chunk_slot, chunk_ids) in one pass over the weights:
+        (logits [len(slots), vocab], the chunk's last logits [vocab])."""
+        if self.mixed_session is None:
+            raise BackendError("this artifact has no mixed-step graph (mixed.onnx); call decode and prefill")
+        if not chunk_ids or chunk_slot in slots:
+            raise BackendError("a mixed step needs a non-empty chunk for a slot that is not decoding")
+        if any(self._lengths[s] == 0 for s in slots):
+            raise BackendError("decode called on a slot that was not prefilled")
+        for slot in slots:
+            self._check_room(slot, 1)
+        total, rows = self._check_room(chunk_slot, len(chunk_ids)), max(slots) + 1
+        # The chunk's row may lie among the decode rows: the decode side's dummy token for it goes one
+        # past the chunk (overwritten by its next token), never on a position the chunk writes.
+        if self.cache.ensure(max(rows, chunk_slot + 1), max(max(self._lengths[:rows]), total) + 1):
+            self._bindings.clear()
+        step = MixedStepBinding(self.mixed_session, rows, len(chunk_ids), self.vocab_size)
+        step.bind_cache(self._past_names, self._present_names, self.cache.views(0, rows))
+        step.bind_cache([fused.chunk_name(n) for n in self._past_names],
+                        [fused.chunk_name(n) for n in self._present_names], self.cache.views(chunk_slot, 1))
+        step.ids[list(slots), 0] = token_ids
+        step.seqlens[:] = self._lengths[:rows]
+        if chunk_slot < rows:
+            step.seqlens[chunk_slot] = total
+        step.chunk_ids[0] = chunk_ids
+        step.chunk_seqlens[0] = total - 1
+        logits = step.run()
+        for slot in slots:
+            self._lengths[slot] += 1
+        self._lengths[chunk_slot] = total
+        return logits[list(slots)], logits[rows].copy()
 
     def reset(self, slot: int) -> None:
         self._lengths[slot] = 0

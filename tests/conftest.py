@@ -108,6 +108,28 @@ def stories_artifact(tmp_path_factory, stories_dir) -> Path:
     return build(BuildOptions(model=str(stories_dir), out=out)).path
 
 
+# --- ort-fused artifacts (tests/test_fused_backend.py, tests/test_mixed_step.py) -------------------------
+
+
+@pytest.fixture(scope="session")
+def fused_stories(tmp_path_factory, stories_dir) -> Path:
+    """head_dim 8: the graph pads heads to 16, what GroupQueryAttention on the CPU accepts."""
+    from llmpack.export.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("f") / "stories"
+    return build(BuildOptions(model=str(stories_dir), out=out, graph="ort-fused")).path
+
+
+@pytest.fixture(scope="session")
+def fused_tiny(tmp_path_factory, demo_source) -> Path:
+    """head_dim 16, untied head, 2 kv heads for 4 query heads: no padding, a separate fp32 head."""
+    from llmpack.export.build import BuildOptions, build
+
+    root = tmp_path_factory.mktemp("tiny")
+    source = make_tiny_llama(root / "src", demo_source / "tokenizer.model", seed=7)
+    return build(BuildOptions(model=str(source), out=root / "fused", graph="ort-fused", max_context=64)).path
+
+
 # --- tokenizers built on the fixtures above (runtime tokenizer/template/detokenizer tests) -------
 
 

@@ -157,21 +157,30 @@ def test_leaving_keeps_a_dead_row_and_joining_restacks(demo_artifact):
 
 def test_prefill_pacer_reads_whole_chunks_alone_and_one_decode_step_of_tokens_while_others_decode():
     pacer = PrefillPacer(chunk=128, floor=16)
-    assert pacer.budget(others_decoding=True) == 128  # nothing measured yet
-    pacer.observe_decode(0.080)
+    assert pacer.budget(decoding=0) == 128
+    assert pacer.budget(decoding=3) == 16  # nothing measured yet: a cautious chunk
+    pacer.observe_decode(3, 0.080)
     pacer.observe_prefill(128, 0.022 + 0.0014 * 128)
-    assert pacer.budget(others_decoding=False) == 128
+    assert pacer.budget(decoding=0) == 128
     # A chunk costs 22 ms + 1.4 ms/token here; sizing by time/token converges on the chunk that
     # costs one 80 ms decode step: (80 - 22) / 1.4 = 41 tokens.
     for _ in range(30):
-        tokens = pacer.budget(others_decoding=True)
+        tokens = pacer.budget(decoding=3)
         pacer.observe_prefill(tokens, 0.022 + 0.0014 * tokens)
-    assert abs(pacer.budget(others_decoding=True) - 41) <= 2
-    pacer.observe_decode(0.001)  # a decode step cheaper than any chunk: never below the floor
+    assert abs(pacer.budget(decoding=3) - 41) <= 2
     for _ in range(30):
-        pacer.observe_decode(0.001)
-    assert pacer.budget(others_decoding=True) == 16
-    assert PrefillPacer(chunk=8, floor=16).budget(others_decoding=True) == 8
+        pacer.observe_decode(3, 0.001)  # a decode step cheaper than any chunk: never below the floor
+    assert pacer.budget(decoding=3) == 16
+    assert PrefillPacer(chunk=8, floor=16).budget(decoding=1) == 8
+
+
+def test_prefill_pacer_keeps_decode_costs_per_batch_size():
+    pacer = PrefillPacer(chunk=128, floor=4)
+    pacer.observe_prefill(10, 0.010)  # 1 ms per token
+    pacer.observe_decode(1, 0.020)
+    pacer.observe_decode(8, 0.040)
+    assert pacer.budget(decoding=1) == 20 and pacer.budget(decoding=8) == 40
+    assert pacer.budget(decoding=7) == 40 and pacer.budget(decoding=2) == 20  # the nearest batch measured
 
 
 class TimedFakeBackend:

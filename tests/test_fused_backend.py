@@ -6,28 +6,12 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import make_tiny_llama
-from llmpack.export.build import BuildOptions, build
 from llmpack.export.verify import verify
 from llmpack.runtime import manifest as names
 from llmpack.runtime import ort_fused_backend
 from llmpack.runtime.artifact import open_artifact, open_backend
 from llmpack.runtime.errors import BackendError
 from llmpack.runtime.ort_fused_backend import OrtFusedBackend
-
-
-@pytest.fixture(scope="module")
-def fused_stories(tmp_path_factory, stories_dir):
-    """head_dim 8: the graph pads heads to 16, what GroupQueryAttention on the CPU accepts."""
-    return build(BuildOptions(model=str(stories_dir), out=tmp_path_factory.mktemp("f") / "stories", graph="ort-fused")).path
-
-
-@pytest.fixture(scope="module")
-def fused_tiny(tmp_path_factory, demo_source):
-    """head_dim 16, untied head, 2 kv heads for 4 query heads: no padding, a separate fp32 head."""
-    root = tmp_path_factory.mktemp("tiny")
-    source = make_tiny_llama(root / "src", demo_source / "tokenizer.model", seed=7)
-    return build(BuildOptions(model=str(source), out=root / "fused", graph="ort-fused", max_context=64)).path
 
 
 def _backend(path, max_batch=4) -> OrtFusedBackend:
