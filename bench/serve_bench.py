@@ -97,41 +97,54 @@ def engine_sender(engine):
 
 
 def run_level(send, clients: int, requests_per_client: int, new_tokens: int) -> dict:
+    """One concurrency level once: aggregate tokens/s and every TTFT and inter-token gap seen."""
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         jobs = [pool.submit(lambda: [send(new_tokens) for _ in range(requests_per_client)])
                 for _ in range(clients)]
         results = [r for job in jobs for r in job.result()]
     wall = time.perf_counter() - start
-    gaps = sorted(g for r in results for g in r["gaps"])
-    ttfts = sorted(r["ttft"] for r in results)
+    return {"clients": clients, "tok_s": sum(r["tokens"] for r in results) / wall,
+            "gaps": [g for r in results for g in r["gaps"]], "ttfts": [r["ttft"] for r in results]}
+
+
+def pool_rounds(runs: list[dict]) -> dict:
+    """Runs of one level over the rounds: median tokens/s (and each round's), pooled percentiles."""
+    gaps = sorted(g for run in runs for g in run["gaps"])
+    ttfts = sorted(t for run in runs for t in run["ttfts"])
 
     def pct(values, q):
         return values[min(len(values) - 1, int(q * len(values)))]
 
-    return {"clients": clients, "requests": len(results), "tok_s": sum(r["tokens"] for r in results) / wall,
+    return {"clients": runs[0]["clients"], "rounds": [run["tok_s"] for run in runs],
+            "tok_s": statistics.median(run["tok_s"] for run in runs),
             "ttft_p50": statistics.median(ttfts), "ttft_p99": pct(ttfts, 0.99),
             "itl_p50": statistics.median(gaps), "itl_p99": pct(gaps, 0.99)}
 
 
-def run_levels(args) -> list[dict]:
+def run_rounds(send, args) -> list[dict]:
+    """Every level once per round, rounds one after the other: a drift of the machine's speed (its
+    memory bandwidth is bimodal) hits every level alike instead of one."""
     levels = [int(n) for n in args.levels.split(",")]
+    send(8)  # warm-up
+    runs = [[run_level(send, n, args.requests_per_client, args.new_tokens) for n in levels]
+            for _ in range(args.rounds)]
+    return [pool_rounds([round_runs[i] for round_runs in runs]) for i in range(len(levels))]
+
+
+def run_levels(args) -> list[dict]:
     if args.in_process:
         from llmpack.runtime.engine import Engine, EngineOptions
 
         engine = Engine.load(args.artifact, EngineOptions(max_batch=args.max_batch, threads=args.threads,
                                                           verify_checksums=False, mixed_steps=args.mixed_steps))
-        send = engine_sender(engine)
         try:
-            send(8)  # warm-up
-            return [run_level(send, n, args.requests_per_client, args.new_tokens) for n in levels]
+            return run_rounds(engine_sender(engine), args)
         finally:
             engine.close()
     proc, base = start_server(args.artifact, args.max_batch, args.threads, args.mixed_steps)
     try:
-        one_request(base, 8)  # warm-up
-        return [run_level(lambda tokens: one_request(base, tokens), n, args.requests_per_client, args.new_tokens)
-                for n in levels]
+        return run_rounds(lambda tokens: one_request(base, tokens), args)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -141,7 +154,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--levels", default="1,4,8,16")
-    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="Each level this many times, interleaved; median tokens/s, pooled latencies.")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
@@ -154,14 +169,18 @@ def main() -> None:
     rows = run_levels(args)
     single = rows[0]
     title = "the engine (in process, no HTTP)" if args.in_process else "llm-serve"
+    mixing = ("mixed steps " + ("on" if args.mixed_steps else "off")) if (args.artifact / "mixed.onnx").exists() \
+        else "no mixed-step graph"
     lines = [header(f"{title} under concurrent streaming clients", "onnxruntime", "numpy", "uvicorn"),
              f"artifact `{args.artifact.name}`, raw prompt of {len(PROMPT)} characters, {args.new_tokens} new tokens "
-             f"(greedy), {args.requests_per_client} requests per client, --max-batch {args.max_batch}, "
-             f"--threads {args.threads}, mixed steps {'on' if args.mixed_steps else 'off'}, load before the run: {os.getloadavg()[0]:.2f}", "",
-             "| clients | generated tok/s | × single | TTFT p50 / p99 ms | inter-token p50 / p99 ms | p99 ITL × single |",
-             "|---|---|---|---|---|---|"]
+             f"(greedy), {args.requests_per_client} requests per client, {args.rounds} rounds, --max-batch {args.max_batch}, "
+             f"--threads {args.threads}, {mixing}, load before the run: {os.getloadavg()[0]:.2f}", "",
+             "| clients | generated tok/s (median) | × single | each round | TTFT p50 / p99 ms | inter-token p50 / p99 ms "
+             "| p99 ITL × single |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['clients']} | {row['tok_s']:.1f} | {row['tok_s'] / single['tok_s']:.2f} | "
+                     f"{' / '.join(f'{t:.0f}' for t in row['rounds'])} | "
                      f"{1000 * row['ttft_p50']:.0f} / {1000 * row['ttft_p99']:.0f} | "
                      f"{1000 * row['itl_p50']:.1f} / {1000 * row['itl_p99']:.1f} | "
                      f"{row['itl_p99'] / single['itl_p99']:.2f} |")

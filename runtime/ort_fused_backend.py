@@ -30,6 +30,9 @@ MIN_CAPACITY = 128  # positions allocated up front; grown by doubling (one copy 
 # (bench/step_costs.py on bench-110m, batch 8: 10 tokens 3.8 ms per step at capacity 256, 15.3 ms at 1024).
 
 
+MIXED_BINDINGS_KEPT = 16  # mixed-step bindings cached (each holds (rows + 1) x vocab logits)
+
+
 class SharedCache:
     """Per layer K and V buffers [rows, kv_heads, capacity, head_dim], each row one slot's cache."""
 
@@ -155,11 +158,19 @@ class OrtFusedBackend(CpuSessionBackend):
         self.cache = SharedCache(c.num_layers, c.num_kv_heads, fused.kv_head_dim(c),
                                  manifest.max_context + 1, max_batch)
         self._bindings: dict[tuple[int, int, int], StepBinding] = {}
-        self.mixed_session = None
-        if mixing:
-            # a second session: the weights are held (prepacked) twice; artifacts built before mixed.onnx do not mix
-            log.info("mixed steps on: a joining prompt's chunks share the decode step's pass over the weights")
-            self.mixed_session = load_session(artifact, manifest, threads, fused.MIXED_MODEL_FILE, spinning=False)
+        self._mixed_bindings: dict[tuple[int, int, int], MixedStepBinding] = {}
+        self.mixed_session = self._open_mixed_session(artifact, threads) if mixing else None
+
+    def _open_mixed_session(self, artifact: Path, threads: int | None):
+        """The mixed-step graph as a second session: the weights are held (prepacked) twice, so a
+        machine without room for that serves without mixing rather than not at all."""
+        try:
+            session = load_session(artifact, self.manifest, threads, fused.MIXED_MODEL_FILE, spinning=False)
+        except ArtifactError as exc:
+            log.warning("serving without mixed steps (%s); --no-mixed-steps skips this attempt", exc)
+            return None
+        log.info("mixed steps on: a joining prompt's chunks share the decode step's pass over the weights")
+        return session
 
     @property
     def can_mix(self) -> bool:
@@ -168,8 +179,7 @@ class OrtFusedBackend(CpuSessionBackend):
 
     def _step(self, first_row: int, rows: int, seq: int, length: int) -> StepBinding:
         """The binding for rows first_row..first_row+rows fed `seq` tokens, with cache room for `length`."""
-        if self.cache.ensure(first_row + rows, length):
-            self._bindings.clear()  # the old bindings point at the buffers before the growth
+        self._ensure(first_row + rows, length)
         key = (first_row, rows, seq)
         step = self._bindings.get(key)
         if step is None:
@@ -177,6 +187,28 @@ class OrtFusedBackend(CpuSessionBackend):
             step.bind_cache(self._past_names, self._present_names, self.cache.views(first_row, rows))
             if seq == 1:  # decode shapes repeat every step; prompt chunks rarely do
                 self._bindings[key] = step
+        return step
+
+    def _ensure(self, rows: int, length: int) -> None:
+        """Cache room for `rows` rows of `length` positions; a growth makes every binding stale."""
+        if self.cache.ensure(rows, length):
+            self._bindings.clear()
+            self._mixed_bindings.clear()
+
+    def _mixed_step(self, rows: int, chunk_slot: int, chunk: int, length: int) -> MixedStepBinding:
+        """The mixed graph's binding for decode rows 0..rows-1 + `chunk` tokens at chunk_slot, cached
+        like the decode ones (a few recent shapes: chunk sizes vary, and each holds its logits)."""
+        self._ensure(max(rows, chunk_slot + 1), length)
+        key = (rows, chunk_slot, chunk)
+        step = self._mixed_bindings.get(key)
+        if step is None:
+            step = MixedStepBinding(self.mixed_session, rows, chunk, self.vocab_size)
+            step.bind_cache(self._past_names, self._present_names, self.cache.views(0, rows))
+            step.bind_cache([fused.chunk_name(n) for n in self._past_names],
+                            [fused.chunk_name(n) for n in self._present_names], self.cache.views(chunk_slot, 1))
+            if len(self._mixed_bindings) >= MIXED_BINDINGS_KEPT:
+                del self._mixed_bindings[next(iter(self._mixed_bindings))]  # the oldest: dicts keep order
+            self._mixed_bindings[key] = step
         return step
 
     def prefill(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
@@ -221,12 +253,8 @@ class OrtFusedBackend(CpuSessionBackend):
         total, rows = self._check_room(chunk_slot, len(chunk_ids)), max(slots) + 1
         # The chunk's row may lie among the decode rows: the decode side's dummy token for it goes one
         # past the chunk (overwritten by its next token), never on a position the chunk writes.
-        if self.cache.ensure(max(rows, chunk_slot + 1), max(max(self._lengths[:rows]), total) + 1):
-            self._bindings.clear()
-        step = MixedStepBinding(self.mixed_session, rows, len(chunk_ids), self.vocab_size)
-        step.bind_cache(self._past_names, self._present_names, self.cache.views(0, rows))
-        step.bind_cache([fused.chunk_name(n) for n in self._past_names],
-                        [fused.chunk_name(n) for n in self._present_names], self.cache.views(chunk_slot, 1))
+        step = self._mixed_step(rows, chunk_slot, len(chunk_ids), max(max(self._lengths[:rows]), total) + 1)
+        step.ids[:, 0] = 0
         step.ids[list(slots), 0] = token_ids
         step.seqlens[:] = self._lengths[:rows]
         if chunk_slot < rows:

@@ -18,7 +18,7 @@ from llmpack.runtime.errors import BackendError
 from llmpack.runtime.protocol import parse_request
 
 PROMPTS = [[1, 5, 9, 13, 17, 21, 25], [1, 40, 41], [1, 7, 8, 9, 10], [1, 3]]
-JOINER = [1] + list(range(50, 61))
+JOINER = [1] + list(range(50, 61))  # 12 tokens
 
 
 def _backend(path, max_batch=4, mixed_steps=True):
@@ -50,12 +50,13 @@ def test_mixed_step_equals_decode_then_prefill(request, which, chunk_slot):
         for slot in decoding:
             backend.prefill(slot, PROMPTS[slot])
         backend.prefill(chunk_slot, JOINER[:4])  # a prompt already partly read
-    tokens = [30 + s for s in decoding]
-    got_rows, got_chunk = mixed.decode_and_prefill(decoding, tokens, chunk_slot, JOINER[4:])
-    want_rows = separate.decode(decoding, tokens)
-    want_chunk = separate.prefill(chunk_slot, JOINER[4:])
-    np.testing.assert_allclose(got_rows, want_rows, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(got_chunk, want_chunk, rtol=1e-4, atol=1e-4)
+    for step, chunk in enumerate((JOINER[4:8], JOINER[8:])):  # the same shape twice: a cached binding
+        tokens = [30 + step + s for s in decoding]
+        got_rows, got_chunk = mixed.decode_and_prefill(decoding, tokens, chunk_slot, chunk)
+        want_rows = separate.decode(decoding, tokens)
+        want_chunk = separate.prefill(chunk_slot, chunk)
+        np.testing.assert_allclose(got_rows, want_rows, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got_chunk, want_chunk, rtol=1e-4, atol=1e-4)
     assert [mixed.cached_tokens(s) for s in range(4)] == [separate.cached_tokens(s) for s in range(4)]
     # Every cache row holds what separate steps wrote: the next batched step, joiner included, agrees.
     every = list(range(4))
@@ -107,3 +108,15 @@ def test_concurrent_requests_on_a_mixing_engine_equal_served_alone(fused_stories
     assert together == alone
     assert calls, "no prompt was read inside a decode step"
     engine.close()
+
+
+def test_without_memory_for_the_second_session_it_serves_without_mixing(fused_tiny, monkeypatch, caplog):
+    from llmpack.runtime import ort_backend
+
+    answers = iter([1 << 40, 1])  # room for the decode session, none left for the mixed one
+    monkeypatch.setattr(ort_backend, "available_memory", lambda: next(answers))
+    backend = _backend(fused_tiny)
+    assert not backend.can_mix
+    assert "serving without mixed steps" in caplog.text and "GiB are available" in caplog.text
+    backend.prefill(0, PROMPTS[0])
+    assert backend.decode([0], [5]).shape == (1, backend.vocab_size)
