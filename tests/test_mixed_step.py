@@ -3,8 +3,6 @@ weights give exactly what a decode step and a separate prefill give, and the sch
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import onnx
 import pytest
@@ -103,8 +101,10 @@ def test_concurrent_requests_on_a_mixing_engine_equal_served_alone(fused_stories
                "temperature": 0} for who in ("Tom", "Lily", "a big dog", "Sam and Mia", "the bird", "Sue")]
     alone = [engine.complete(parse_request(body)).text for body in bodies]
     calls.clear()
-    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
-        together = list(pool.map(lambda body: engine.complete(parse_request(body)).text, bodies))
+    # All queued at once (a stream is submitted when it is made): while the first decodes, the next
+    # prompts are read, and the scheduler reads them inside its decode steps.
+    streams = [engine.stream(parse_request(body)) for body in bodies]
+    together = ["".join(stream) for stream in streams]
     assert together == alone
     assert calls, "no prompt was read inside a decode step"
     engine.close()
