@@ -5,6 +5,11 @@ appends prompt tokens to one slot (call it again to continue a chunked prompt), 
 batched step that appends one token to each listed slot, `reset` frees a slot. Both return float32
 logits of the last position. ONNX Runtime and TensorRT implement it; the loop, sampler and
 template never know which one runs.
+
+Optional: a backend whose `can_mix` is true also has `decode_and_prefill(slots, token_ids,
+chunk_slot, chunk_ids) -> (logits [len(slots), vocab], chunk logits [vocab])`, the decode step and
+one prompt chunk in a single pass over the weights (the ort-fused backend, mixed.onnx); the batch
+scheduler uses it while a prompt joins running decodes, and calls the two separately otherwise.
 """
 
 from __future__ import annotations
