@@ -22,6 +22,8 @@ from pathlib import Path
 
 import httpx
 
+from llmpack.runtime.fused_interface import MIXED_MODEL_FILE
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import header  # noqa: E402
 
@@ -182,7 +184,7 @@ def main() -> None:
     rows = run_levels(args)
     single = rows[0]
     title = "the engine (in process, no HTTP)" if args.in_process else "llm-serve"
-    mixing = ("mixed steps " + ("on" if args.mixed_steps else "off")) if (args.artifact / "mixed.onnx").exists() \
+    mixing = ("mixed steps " + ("on" if args.mixed_steps else "off")) if (args.artifact / MIXED_MODEL_FILE).exists() \
         else "no mixed-step graph"
     lines = [header(f"{title} under concurrent streaming clients", "onnxruntime", "numpy", "uvicorn"),
              f"artifact `{args.artifact.name}`, raw prompt of {len(PROMPT)} characters, {args.new_tokens} new tokens "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmpack.runtime.fused_interface import MIXED_MODEL_FILE
+from llmpack.runtime.fused_interface import has_mixed_graph
 from llmpack.runtime.manifest import BuildManifest, TensorSpec
 
 
@@ -49,8 +49,7 @@ def describe(m: BuildManifest) -> str:
         f"{c.num_heads} heads / {c.num_kv_heads} kv heads × {c.head_dim}, vocab {c.vocab_size}",
         f"              rms_norm_eps {c.rms_norm_eps}, rope_theta {c.rope_theta}, tied embeddings {c.tie_word_embeddings}",
         f"build         {m.dtype}, context {m.max_context} (model max {c.max_position_embeddings}), opset {m.opset}, "
-        f"graph {m.graph_flavour}" + (" + mixed decode/prefill step (mixed.onnx)"
-                                      if any(f.path == MIXED_MODEL_FILE for f in m.files) else ""),
+        f"graph {m.graph_flavour}" + (" + mixed decode/prefill step (mixed.onnx)" if has_mixed_graph(m) else ""),
         *_optional_sections(m),
         f"tokens        BOS {m.bos_token_id}, stop {list(m.stop_token_ids)}",
         f"system prompt {m.default_system_prompt!r}",

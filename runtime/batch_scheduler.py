@@ -64,9 +64,9 @@ class PrefillPacer:
 
     def budget(self, decoding: int) -> int:
         """Tokens to prefill this iteration while `decoding` sequences decode (0: none)."""
-        step = self.decode_cost(decoding)
         if not decoding:
             return self.chunk
+        step = self.decode_cost(decoding)
         if step is None or self.seconds_per_token is None:  # not measured yet: a cautious chunk
             return min(self.chunk, MIN_BUSY_CHUNK)
         target = step * (MIXED_STEP_SHARE if self.mixed else 1.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from llmpack.runtime.manifest import FUSED_GRAPH as FLAVOUR
 from llmpack.runtime.manifest import GRAPH_FLAVOURS as FLAVOURS
 from llmpack.runtime.manifest import STANDARD_GRAPH as STANDARD
-from llmpack.runtime.manifest import ModelConfig
+from llmpack.runtime.manifest import BuildManifest, ModelConfig
 
 # GroupQueryAttention's per-row cache bookkeeping: after a step a row holds seqlens_k + 1 tokens.
 SEQLENS_K = "seqlens_k"  # int32 [batch]
@@ -29,6 +29,11 @@ CHUNK_PREFIX = "chunk."  # + a past/present name: the chunk row's view of the sa
 
 def chunk_name(cache_name: str) -> str:
     return CHUNK_PREFIX + cache_name
+
+
+def has_mixed_graph(manifest: BuildManifest) -> bool:
+    """Whether the artifact ships mixed.onnx (fused artifacts built before it do not)."""
+    return any(f.path == MIXED_MODEL_FILE for f in manifest.files)
 
 
 # ONNX Runtime's CPU GroupQueryAttention refuses head sizes that are not a multiple of 16.

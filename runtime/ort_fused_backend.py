@@ -28,8 +28,6 @@ log = logging.getLogger("llmpack.runtime")
 MIN_CAPACITY = 128  # positions allocated up front; grown by doubling (one copy each time) as sequences grow
 # Not more: GroupQueryAttention's CPU cost grows with the capacity, not just the length
 # (bench/step_costs.py on bench-110m, batch 8: 10 tokens 3.8 ms per step at capacity 256, 15.3 ms at 1024).
-
-
 MIXED_BINDINGS_KEPT = 16  # mixed-step bindings cached (each holds (rows + 1) x vocab logits)
 
 
@@ -121,8 +119,8 @@ class StepBinding:
 
 
 class MixedStepBinding(StepBinding):
-    """The mixed graph's binding: decode rows 0..rows-1 plus one prompt chunk of `chunk` tokens at
-    `chunk_row`, whose cache is bound as a one-row view of the same buffers."""
+    """The mixed graph's binding: decode rows 0..rows-1 plus one prompt chunk of `chunk` tokens, whose
+    row's cache the backend binds as a one-row view of the same buffers."""
 
     def __init__(self, session, rows: int, chunk: int, vocab: int):
         super().__init__(session, rows, 1, vocab, logit_rows=rows + 1)
@@ -152,7 +150,7 @@ class OrtFusedBackend(CpuSessionBackend):
                  mixed_steps: bool = True):
         if manifest.graph_flavour != fused.FLAVOUR:
             raise ArtifactError(f"{manifest.name} is a {manifest.graph_flavour!r} artifact, not {fused.FLAVOUR!r}")
-        mixing = mixed_steps and max_batch > 1 and any(f.path == fused.MIXED_MODEL_FILE for f in manifest.files)
+        mixing = mixed_steps and max_batch > 1 and fused.has_mixed_graph(manifest)
         super().__init__(artifact, manifest, threads, max_batch, spinning=not mixing)
         c = manifest.config
         self.cache = SharedCache(c.num_layers, c.num_kv_heads, fused.kv_head_dim(c),
@@ -222,11 +220,14 @@ class OrtFusedBackend(CpuSessionBackend):
         self._lengths[slot] = total
         return logits[0].copy()
 
-    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+    def _check_decodable(self, slots: Sequence[int]) -> None:
         if any(self._lengths[s] == 0 for s in slots):
             raise BackendError("decode called on a slot that was not prefilled")
         for slot in slots:
             self._check_room(slot, 1)
+
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+        self._check_decodable(slots)
         rows = max(slots) + 1
         # Every row appends at its own end; rows outside `slots` append a dummy that is never counted.
         step = self._step(0, rows, 1, max(self._lengths[:rows]) + 1)
@@ -246,10 +247,7 @@ class OrtFusedBackend(CpuSessionBackend):
             raise BackendError("this artifact has no mixed-step graph (mixed.onnx); call decode and prefill")
         if not chunk_ids or chunk_slot in slots:
             raise BackendError("a mixed step needs a non-empty chunk for a slot that is not decoding")
-        if any(self._lengths[s] == 0 for s in slots):
-            raise BackendError("decode called on a slot that was not prefilled")
-        for slot in slots:
-            self._check_room(slot, 1)
+        self._check_decodable(slots)
         total, rows = self._check_room(chunk_slot, len(chunk_ids)), max(slots) + 1
         # The chunk's row may lie among the decode rows: the decode side's dummy token for it goes one
         # past the chunk (overwritten by its next token), never on a position the chunk writes.
