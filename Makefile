@@ -56,12 +56,14 @@ bench-decode-paths: bench-model
 	$(BIN)/python bench/decode_paths.py artifacts/bench-110m
 
 # Continuous batching under 1/4/8/16 streaming clients: the ort-fused fp32 artifact (in-place KV cache, mixed
-# decode/prefill steps: the CPU serving path), the same without mixed steps, the standard graph (left-padded
-# batches) and the engine in process (no HTTP).
+# decode/prefill steps, prefix cache: the CPU serving path), the same without the prefix cache (every request
+# computes its prompt), without either, the standard graph (left-padded batches) and the engine in process.
 bench-serve: bench-model
 	$(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-fp32 --graph ort-fused
 	$(BIN)/python bench/serve_bench.py artifacts/bench-110m-fused-fp32
-	$(BIN)/python bench/serve_bench.py artifacts/bench-110m-fused-fp32 --no-mixed-steps --label=-no-mixed-steps
+	$(BIN)/python bench/serve_bench.py artifacts/bench-110m-fused-fp32 --no-prefix-cache --label=-no-prefix-cache
+	$(BIN)/python bench/serve_bench.py artifacts/bench-110m-fused-fp32 --no-prefix-cache --no-mixed-steps \
+	    --label=-no-prefix-cache-no-mixed-steps
 	$(BIN)/python bench/serve_bench.py artifacts/bench-110m --label=-standard
 	$(BIN)/python bench/serve_bench.py artifacts/bench-110m-fused-fp32 --in-process --label=-engine
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from llmpack.runtime.fused_interface import MIXED_MODEL_FILE
+from llmpack.runtime.prefix_cache import DEFAULT_BUDGET_MB
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import header  # noqa: E402
@@ -37,12 +38,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(artifact: Path, max_batch: int, threads: int, mixed_steps: bool) -> tuple[subprocess.Popen, str]:
+def start_server(args) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     serve = Path(sys.executable).with_name("llm-serve")
-    proc = subprocess.Popen([str(serve), "run", str(artifact), "--port", str(port), "--max-batch", str(max_batch),
-                             "--threads", str(threads), "--no-verify-checksums",
-                             "--mixed-steps" if mixed_steps else "--no-mixed-steps"],
+    proc = subprocess.Popen([str(serve), "run", str(args.artifact), "--port", str(port),
+                             "--max-batch", str(args.max_batch), "--threads", str(args.threads), "--no-verify-checksums",
+                             "--mixed-steps" if args.mixed_steps else "--no-mixed-steps",
+                             "--prefix-cache-mb", str(args.prefix_cache_mb)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "LLMPACK_API_KEY": ""})
     base = f"http://127.0.0.1:{port}"
     wait_ready(proc, base)
@@ -152,12 +154,13 @@ def run_levels(args) -> list[dict]:
         from llmpack.runtime.engine import Engine, EngineOptions
 
         engine = Engine.load(args.artifact, EngineOptions(max_batch=args.max_batch, threads=args.threads,
-                                                          verify_checksums=False, mixed_steps=args.mixed_steps))
+                                                          verify_checksums=False, mixed_steps=args.mixed_steps,
+                                                          prefix_cache_mb=args.prefix_cache_mb))
         try:
             return run_rounds(engine_sender(engine), args)
         finally:
             engine.close()
-    proc, base = start_server(args.artifact, args.max_batch, args.threads, args.mixed_steps)
+    proc, base = start_server(args)
     try:
         return run_rounds(lambda tokens: one_request(base, tokens), args)
     finally:
@@ -180,6 +183,9 @@ def main() -> None:
                         help="Drive the Engine directly instead of `llm-serve run` over HTTP (a diagnostic).")
     parser.add_argument("--no-mixed-steps", dest="mixed_steps", action="store_false",
                         help="ort-fused artifacts: prefill joining prompts in passes of their own (the A/B baseline).")
+    parser.add_argument("--no-prefix-cache", dest="prefix_cache_mb", action="store_const", const=0,
+                        default=DEFAULT_BUDGET_MB, help="Every request computes its whole prompt (the A/B baseline: "
+                        "the fixed prompt is otherwise read once and copied).")
     args = parser.parse_args()
     rows = run_levels(args)
     single = rows[0]
@@ -189,7 +195,8 @@ def main() -> None:
     lines = [header(f"{title} under concurrent streaming clients", "onnxruntime", "numpy", "uvicorn"),
              f"artifact `{args.artifact.name}`, raw prompt of {len(PROMPT)} characters, {args.new_tokens} new tokens "
              f"(greedy), {args.requests_per_client} requests per client, {args.rounds} rounds, --max-batch {args.max_batch}, "
-             f"--threads {args.threads}, {mixing}, load before the run: {os.getloadavg()[0]:.2f}", "",
+             f"--threads {args.threads}, {mixing}, prefix cache {'on' if args.prefix_cache_mb else 'off'}, "
+             f"load before the run: {os.getloadavg()[0]:.2f}", "",
              "| clients | generated tok/s (median) | × single | each round | TTFT p50 / p99 ms | inter-token p50 / p99 ms "
              "| p99 ITL × single |",
              "|---|---|---|---|---|---|---|"]

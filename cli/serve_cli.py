@@ -12,6 +12,7 @@ from llmpack.cli.bench_cmd import bench
 from llmpack.cli.common import setup_logging, translate_errors
 from llmpack.runtime.artifact import BACKENDS
 from llmpack.runtime.errors import InvalidRequest
+from llmpack.runtime.prefix_cache import DEFAULT_BUDGET_MB
 
 
 def read_request(request: str | None, overrides: dict) -> dict:
@@ -102,7 +103,8 @@ def load_engine(artifact: Path, max_batch: int = 1):
     options = EngineOptions(backend=chosen.get("backend", "auto"), threads=chosen.get("threads"),
                             system_prompt=chosen.get("system_prompt"),
                             verify_checksums=not chosen.get("no_verify_checksums", False), max_batch=max_batch,
-                            mixed_steps=chosen.get("mixed_steps", True))
+                            mixed_steps=chosen.get("mixed_steps", True),
+                            prefix_cache_mb=chosen.get("prefix_cache_mb", DEFAULT_BUDGET_MB))
     return Engine.load(artifact, options)
 
 
@@ -168,6 +170,10 @@ def tokenize(artifact, request):
               callback=_remember(ENGINE_KEY),
               help="ort-fused artifacts: read a joining prompt inside the running decode step (one pass over the "
                    "weights); costs a second ONNX Runtime session, i.e. the weights held twice in memory.")
+@click.option("--prefix-cache-mb", type=click.IntRange(min=0), default=DEFAULT_BUDGET_MB, show_default=True,
+              expose_value=False, callback=_remember(ENGINE_KEY),
+              help="Memory for KV copies of recent sequences: a prompt that begins like one of them (the template "
+                   "and system prompt, a chat's earlier turns) skips computing that part. 0 turns it off.")
 @connection_options
 @engine_options
 @translate_errors

@@ -10,6 +10,9 @@ Optional: a backend whose `can_mix` is true also has `decode_and_prefill(slots, 
 chunk_slot, chunk_ids) -> (logits [len(slots), vocab], chunk logits [vocab])`, the decode step and
 one prompt chunk in a single pass over the weights (the ort-fused backend, mixed.onnx); the batch
 scheduler uses it while a prompt joins running decodes, and calls the two separately otherwise.
+A backend that can copy a slot's cache also has `kv_bytes(tokens)`, `export_kv(slot, length)` (a
+copy of the first positions) and `import_kv(slot, copy, length)` (a reset slot starts from it): the
+prefix cache (prefix_cache.py) uses them; the ONNX Runtime CPU backends have them.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 from llmpack.runtime.backend import Backend
 from llmpack.runtime.errors import BackendError, LlmpackError
-from llmpack.runtime.generate import FINISH_CANCELLED, SequenceState, TokenStream
+from llmpack.runtime.generate import FINISH_CANCELLED, FINISH_ERROR, SequenceState, TokenStream
+from llmpack.runtime.prefix_cache import PrefixCache
 from llmpack.runtime.sampling import SamplingParams
 
 log = logging.getLogger("llmpack.runtime")
@@ -92,9 +93,12 @@ class PrefillPacer:
 
 
 class BatchScheduler:
-    def __init__(self, backend: Backend, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+    def __init__(self, backend: Backend, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefix_cache: PrefixCache | None = None):
         self.backend = backend
         self.mixing = bool(getattr(backend, "can_mix", False))
+        # Only a backend that can copy a slot's cache in and out takes part (Backend: export_kv).
+        self.prefix_cache = prefix_cache if callable(getattr(backend, "export_kv", None)) else None
         self.pacer = PrefillPacer(prefill_chunk, mixed=self.mixing)
         self._waiting: deque[SequenceState] = deque()
         self._active: list[SequenceState] = []
@@ -156,6 +160,7 @@ class BatchScheduler:
                 continue
             state.slot = self._free_slots.pop(0)
             self._active.append(state)
+            self._reuse_prefix(state)
 
     def _release_finished(self) -> None:
         for state in list(self._active):
@@ -163,6 +168,8 @@ class BatchScheduler:
                 state.finish(FINISH_CANCELLED)
             if state.done:
                 self._active.remove(state)
+                if state.finish_reason != FINISH_ERROR:  # the prompt and the answer, for the next turn of a chat
+                    self._keep(state, self.backend.cached_tokens(state.slot))
                 self.backend.reset(state.slot)
                 self._free_slots.append(state.slot)
                 self._free_slots.sort()
@@ -216,14 +223,43 @@ class BatchScheduler:
         for row, state in enumerate(ready):
             state.advance(logits[row])
 
-    @staticmethod
-    def _read(state: SequenceState, tokens: int, logits) -> None:
+    def _read(self, state: SequenceState, tokens: int, logits) -> None:
         state.prefilled += tokens
         if state.prefilled == len(state.prompt_ids):
+            self._keep(state, state.prefilled)
             state.advance(logits)
+
+    def _reuse_prefix(self, state: SequenceState) -> None:
+        """Start a newly admitted sequence from the cache of the kept sequence its prompt begins like."""
+        found = self.prefix_cache.lookup(state.prompt_ids) if self.prefix_cache is not None else None
+        if found is None:
+            return
+        kept, length = found
+        try:
+            self.backend.import_kv(state.slot, kept.kv, length)
+        except Exception as exc:  # noqa: BLE001 - a failed copy only means reading the prompt in full
+            log.warning("prefix cache: reusing %d tokens failed (%s); reading the prompt in full", length, exc)
+            self.backend.reset(state.slot)
+            return
+        state.prefilled = length
+
+    def _keep(self, state: SequenceState, length: int) -> None:
+        """Copy the first `length` cached positions of the sequence into the prefix cache, when worth it."""
+        if self.prefix_cache is None or length == 0:
+            return
+        ids = [*state.prompt_ids, *state.output_ids][:length]
+        nbytes = self.backend.kv_bytes(length)
+        if not self.prefix_cache.worth_keeping(ids, nbytes):
+            return
+        try:
+            kv = self.backend.export_kv(state.slot, length)
+        except Exception as exc:  # noqa: BLE001 - not keeping a copy never changes an answer
+            log.warning("prefix cache: copying %d tokens failed (%s)", length, exc)
+            return
+        self.prefix_cache.keep(ids, kv, nbytes)
 
     def _fail(self, states: list[SequenceState], exc: Exception) -> None:
         log.error("generation failed for %d sequence(s): %s", len(states), exc, exc_info=exc)
         error = exc if isinstance(exc, LlmpackError) else BackendError(f"the inference backend failed: {exc}")
         for state in states:
-            state.finish("error", error)
+            state.finish(FINISH_ERROR, error)

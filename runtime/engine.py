@@ -13,6 +13,7 @@ from llmpack.runtime.artifact import Artifact, open_artifact, open_backend
 from llmpack.runtime.batch_scheduler import DEFAULT_PREFILL_CHUNK, BatchScheduler
 from llmpack.runtime.errors import InputTooLong
 from llmpack.runtime.generate import Completion, TextStream, TokenStream, complete
+from llmpack.runtime.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 from llmpack.runtime.protocol import CONTEXT_LIMIT, INPUT_LIMIT, GenerationRequest
 from llmpack.runtime.sampling import SamplingParams
 from llmpack.runtime.template import DEFAULT_SYSTEM_PROMPT, chat_ids, prompt_ids
@@ -31,11 +32,14 @@ class EngineOptions:
     # ort-fused artifacts: a joining prompt shares the decode step's pass over the weights (a second
     # ONNX Runtime session: the weights are held twice); False saves that memory
     mixed_steps: bool = True
+    # KV copies of recent sequences, so a prompt that begins like one of them (the template and system
+    # prompt, a chat's earlier turns) skips that part; 0 turns it off
+    prefix_cache_mb: int = DEFAULT_BUDGET_MB
 
 
 class Engine:
     def __init__(self, artifact: Artifact, backend, tokenizer: Tokenizer, system_prompt: str | None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_mb: int = 0):
         self.artifact = artifact
         self.backend = backend
         self.tokenizer = tokenizer
@@ -44,7 +48,8 @@ class Engine:
         self.context_limit = min(CONTEXT_LIMIT, backend.context_length)
         self.input_limit = min(INPUT_LIMIT, self.context_limit - 1)
         self.stop_ids = manifest.stop_token_ids
-        self.scheduler = BatchScheduler(backend, prefill_chunk)
+        cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
+        self.scheduler = BatchScheduler(backend, prefill_chunk, cache)
 
     @classmethod
     def load(cls, path: Path | str, options: EngineOptions = EngineOptions()) -> Engine:
@@ -56,12 +61,17 @@ class Engine:
         if system is None:
             stored = artifact.manifest.default_system_prompt
             system = DEFAULT_SYSTEM_PROMPT if stored is None else stored
-        return cls(artifact, backend, tokenizer, system, options.prefill_chunk)
+        return cls(artifact, backend, tokenizer, system, options.prefill_chunk, options.prefix_cache_mb)
 
     @property
     def max_batch(self) -> int:
         """How many requests the engine decodes together."""
         return self.backend.max_batch
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The kept sequences' KV copies, or None (turned off, or a backend that cannot copy its cache)."""
+        return self.scheduler.prefix_cache
 
     @property
     def model_name(self) -> str:

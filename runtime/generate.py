@@ -23,6 +23,7 @@ from llmpack.runtime.tokenizer import Tokenizer
 FINISH_STOP = "stop"  # the model produced a stop id
 FINISH_LENGTH = "length"  # max_tokens reached, or the context is full
 FINISH_CANCELLED = "cancelled"  # the consumer went away
+FINISH_ERROR = "error"  # the backend failed; the stream raises the error
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,9 @@ class SequenceState:
         self.rng = make_rng(sampling.seed)
         self.history = TokenHistory(vocab_size, self.prompt_ids)
         self.generated = 0
+        self.output_ids: list[int] = []  # what was sampled, in order (the cache holds all but the last)
         self.prefilled = 0
+        self.finish_reason: str | None = None
         self.pending: int | None = None  # the token the next decode step must feed
         self.slot: int | None = None
         self.done = False
@@ -101,6 +104,7 @@ class SequenceState:
         if token in self.stop_ids:
             return self.finish(FINISH_STOP)
         self.generated += 1
+        self.output_ids.append(token)
         self.history.add(token)
         self.stream.put(token)
         if self.generated >= self.budget:
@@ -109,7 +113,7 @@ class SequenceState:
 
     def finish(self, reason: str, error: BaseException | None = None) -> None:
         if not self.done:
-            self.done, self.pending = True, None
+            self.done, self.pending, self.finish_reason = True, None, reason
             self.stream.end(reason, error)
 
 

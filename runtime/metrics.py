@@ -46,7 +46,7 @@ class Metrics:
         self.generated_tokens = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
-        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.gauges: dict[str, tuple[str, Callable[[], float], str]] = {}
 
     def request_done(self, route: str, status: int) -> None:
         with self._lock:
@@ -68,8 +68,9 @@ class Metrics:
         with self._lock:
             self.itl.observe(seconds / tokens, tokens)
 
-    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        self.gauges[name] = (help_text, read)
+    def gauge(self, name: str, help_text: str, read: Callable[[], float], kind: str = "gauge") -> None:
+        """A value read when rendered; kind "counter" for a total kept elsewhere (name it *_total)."""
+        self.gauges[name] = (help_text, read, kind)
 
     def render(self) -> str:
         with self._lock:
@@ -88,8 +89,8 @@ class Metrics:
             lines += _family("llmpack_inter_token_latency_seconds", "histogram",
                              "Time per generated token after the first.")
             lines += self.itl.lines("llmpack_inter_token_latency_seconds")
-        for name, (help_text, read) in self.gauges.items():
-            lines += [*_family(name, "gauge", help_text), f"{name} {_number(read())}"]
+        for name, (help_text, read, kind) in self.gauges.items():
+            lines += [*_family(name, kind, help_text), f"{name} {_number(read())}"]
         return "\n".join(lines) + "\n"
 
 

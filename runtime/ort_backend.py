@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from llmpack.runtime import manifest as names
-from llmpack.runtime.kv_batch import KVBatch
+from llmpack.runtime.kv_batch import KVBatch, as_array
 from llmpack.runtime.errors import ArtifactError, BackendError
 from llmpack.runtime.manifest import BuildManifest
 
@@ -211,3 +211,22 @@ class OrtBackend(CpuSessionBackend):
         if self._batch is not None and slot in self._batch.live:
             self._drop(slot)  # the row stays, dead, until the next sequence joins: leaving costs nothing
         self._pasts[slot], self._lengths[slot] = None, 0
+
+    def kv_bytes(self, tokens: int) -> int:
+        """What a copy of `tokens` positions of one slot's cache takes (Backend.export_kv)."""
+        c = self.manifest.config
+        return len(self._past_names) * c.num_kv_heads * c.head_dim * self._empty_past.itemsize * tokens
+
+    def export_kv(self, slot: int, length: int) -> list[np.ndarray]:
+        """A copy of the slot's first `length` positions, [1, kv_heads, length, head_dim] per layer k/v."""
+        if length > self._lengths[slot]:
+            raise BackendError(f"slot {slot} holds {self._lengths[slot]} tokens, not {length}")
+        in_batch = self._batch is not None and slot in self._batch.live
+        cache = self._batch.row_cache(slot) if in_batch else self._pasts[slot]
+        return [as_array(value)[:, :, :length].copy() for value in cache]
+
+    def import_kv(self, slot: int, kv: list[np.ndarray], length: int) -> None:
+        """Start the (reset) slot from the first `length` positions of an exported copy."""
+        self._check_room(slot, length)
+        self._pasts[slot] = [np.ascontiguousarray(part[:, :, :length]) for part in kv]
+        self._lengths[slot] = length

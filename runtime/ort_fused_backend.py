@@ -267,3 +267,22 @@ class OrtFusedBackend(CpuSessionBackend):
 
     def reset(self, slot: int) -> None:
         self._lengths[slot] = 0
+
+    def kv_bytes(self, tokens: int) -> int:
+        """What a copy of `tokens` positions of one slot's cache takes (Backend.export_kv)."""
+        c = self.manifest.config
+        return self.cache.count * c.num_kv_heads * fused.kv_head_dim(c) * tokens * 4
+
+    def export_kv(self, slot: int, length: int) -> list[np.ndarray]:
+        """A copy of the slot's first `length` positions, [kv_heads, length, head_dim] per buffer."""
+        if length > self._lengths[slot]:
+            raise BackendError(f"slot {slot} holds {self._lengths[slot]} tokens, not {length}")
+        return [buffer[slot, :, :length].copy() for buffer in self.cache.buffers]
+
+    def import_kv(self, slot: int, kv: list[np.ndarray], length: int) -> None:
+        """Start the (reset) slot from the first `length` positions of an exported copy."""
+        self._check_room(slot, length)
+        self._ensure(slot + 1, length + 1)
+        for buffer, part in zip(self.cache.buffers, kv):
+            buffer[slot, :, :length] = part[:, :length]
+        self._lengths[slot] = length

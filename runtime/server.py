@@ -32,8 +32,10 @@ from llmpack.runtime.streaming import EventStreamResponse, Generation, admit, er
 
 log = logging.getLogger("llmpack.server")
 
-# A tiny raw generation: it runs prefill and decode once, so the first real request pays no warm-up.
-WARMUP_BODY = {"prompt": "Hello", "raw": True, "max_tokens": 2, "temperature": 0}
+# A tiny generation: it runs prefill and decode once, so the first real request pays no warm-up; through
+# the chat template, so the template and system prompt every raw=false request begins with are already in
+# the prefix cache.
+WARMUP_BODY = {"prompt": "Hello", "max_tokens": 2, "temperature": 0}
 _PADDING = "abcdefghijklmnopqrstuvwxyz0123456789" * 2
 
 
@@ -49,6 +51,17 @@ class ServerSettings:
     warmup: bool = True
 
 
+def register_prefix_cache(metrics: Metrics, cache) -> None:
+    """The prefix cache's counters on /metrics (none when the backend or the settings leave it off)."""
+    if cache is None:
+        return
+    metrics.gauge("llmpack_prefix_cache_hits_total", "Requests that started from a kept sequence's KV cache.",
+                  lambda: cache.hits, kind="counter")
+    metrics.gauge("llmpack_prefix_cache_reused_tokens_total", "Prompt tokens not computed thanks to the prefix cache.",
+                  lambda: cache.reused_tokens, kind="counter")
+    metrics.gauge("llmpack_prefix_cache_bytes", "Bytes of KV copies the prefix cache holds.", lambda: cache.nbytes)
+
+
 class ServerState:
     """What the routes share: the engine, its scheduler, the metrics and readiness."""
 
@@ -58,6 +71,7 @@ class ServerState:
         self.metrics = Metrics()
         # One worker per batch slot: the engine decodes all of them together in one step.
         self.scheduler = Scheduler(engine, settings.max_queue, self.metrics, concurrency=engine.max_batch)
+        register_prefix_cache(self.metrics, engine.prefix_cache)
         # The Workers AI id first: it is what existing clients ask for.
         self.models = tuple(dict.fromkeys((MODEL_NAME, engine.model_name)))
         self.started_at = int(time.time())

@@ -47,6 +47,7 @@ class FakeStream:
 
 class FakeEngine:
     max_batch = 1
+    prefix_cache = None
     """Streams by prompt: 'gated' waits for `gate`, 'boom' fails after one piece, else three pieces."""
 
     def __init__(self):

@@ -169,6 +169,20 @@ def test_metrics_count_requests_tokens_and_latencies(demo_http):
     assert all(sample.match(line) for line in after.splitlines() if not line.startswith("#")), after
 
 
+def test_metrics_show_requests_that_reused_a_cached_prefix(demo_http):
+    before = demo_http.get("/metrics").text
+    first = demo_http.post(RUN, json={"prompt": "Tell me about llamas", **GREEDY}).json()
+    again = demo_http.post(RUN, json={"prompt": "Tell me about llamas", **GREEDY}).json()
+    after = demo_http.get("/metrics").text
+    assert "# TYPE llmpack_prefix_cache_hits_total counter" in after
+    assert metric(after, "llmpack_prefix_cache_hits_total") - metric(before, "llmpack_prefix_cache_hits_total") >= 1
+    # at least the template and the default system prompt were copied instead of computed
+    reused = metric(after, "llmpack_prefix_cache_reused_tokens_total") - \
+        metric(before, "llmpack_prefix_cache_reused_tokens_total")
+    assert reused >= 30 and again == first
+    assert metric(after, "llmpack_prefix_cache_bytes") > 0
+
+
 # --- the OpenAPI document ------------------------------------------------------------------------------
 
 ACCEPTED = [{"prompt": "hi"}, {"prompt": "hi", "raw": True, "max_tokens": 1, "stream": False},
