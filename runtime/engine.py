@@ -6,6 +6,7 @@ ids (template + limits) and hands them to the scheduler, which decodes all reque
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from llmpack.runtime.protocol import CONTEXT_LIMIT, INPUT_LIMIT, GenerationReque
 from llmpack.runtime.sampling import SamplingParams
 from llmpack.runtime.template import DEFAULT_SYSTEM_PROMPT, chat_ids, prompt_ids
 from llmpack.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger("llmpack.runtime")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class Engine:
         self.stop_ids = manifest.stop_token_ids
         cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
         self.scheduler = BatchScheduler(backend, prefill_chunk, cache)
+        if self.prefix_cache is not None:  # in tokens, what the megabytes mean for this model
+            log.info("prefix cache: %d MiB, room for %d tokens of this model's KV cache", prefix_cache_mb,
+                     (prefix_cache_mb << 20) // backend.kv_bytes(1))
+        elif cache is not None:
+            log.info("prefix cache off: the %s backend cannot copy its KV cache", backend.name)
 
     @classmethod
     def load(cls, path: Path | str, options: EngineOptions = EngineOptions()) -> Engine:
