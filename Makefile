@@ -8,7 +8,7 @@ FUZZ_EXAMPLES ?= 300
 FUZZ_SEED ?=
 SOAK_SECONDS ?= 180
 
-.PHONY: install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-step-costs gpu-check clean bench bench-variants bench-peers
+.PHONY: install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-step-costs gpu-check clean bench bench-variants bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ bench-serve: bench-model
 	    --label=-no-prefix-cache-no-mixed-steps
 	$(BIN)/python bench/serve_bench.py artifacts/bench-110m --label=-standard
 	$(BIN)/python bench/serve_bench.py artifacts/bench-110m-fused-fp32 --in-process --label=-engine
+
+# Time to first token along a 6-turn chat, prefix cache on and off (README, prefix caching).
+bench-chat: bench-model
+	$(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-fp32 --graph ort-fused
+	$(BIN)/python bench/chat_turns.py artifacts/bench-110m-fused-fp32
 
 # What one step costs by prompt chunk, batch and cache capacity (README, continuous batching).
 bench-step-costs: bench-model

@@ -226,8 +226,8 @@ class BatchScheduler:
     def _read(self, state: SequenceState, tokens: int, logits) -> None:
         state.prefilled += tokens
         if state.prefilled == len(state.prompt_ids):
+            state.advance(logits)  # the first token goes out before the copy is made
             self._keep(state, state.prefilled)
-            state.advance(logits)
 
     def _reuse_prefix(self, state: SequenceState) -> None:
         """Start a newly admitted sequence from the cache of the kept sequence its prompt begins like."""

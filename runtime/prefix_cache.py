@@ -24,6 +24,9 @@ import numpy as np
 
 MIN_PREFIX_TOKENS = 8  # shorter matches (a BOS, "[INST]") save less than the copy costs to set up
 DEFAULT_BUDGET_MB = 256
+# A lookup compares the prompt with every kept sequence: on a small model the byte budget alone would
+# allow thousands of them (stories260k: 2.5 KiB a token), and each admission would pay for the scan.
+MAX_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,13 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 
 class PrefixCache:
-    """Kept sequences, at most `budget_bytes` of KV copies in all; the least recently used leave first."""
+    """Kept sequences, at most `budget_bytes` of KV copies and `max_kept` sequences in all; the least
+    recently used leave first."""
 
-    def __init__(self, budget_bytes: int, min_tokens: int = MIN_PREFIX_TOKENS):
+    def __init__(self, budget_bytes: int, min_tokens: int = MIN_PREFIX_TOKENS, max_kept: int = MAX_KEPT):
         self.budget_bytes = budget_bytes
         self.min_tokens = min_tokens
+        self.max_kept = max_kept
         self._kept: OrderedDict[int, KeptSequence] = OrderedDict()  # insertion numbers; order is recency
         self._numbers = itertools.count()
         self.nbytes = 0
@@ -87,7 +92,7 @@ class PrefixCache:
         for key, old in list(self._kept.items()):
             if len(old.ids) <= len(kept.ids) and common_prefix(old.ids, kept.ids) == len(old.ids):
                 self._drop(key)
-        while self._kept and self.nbytes + nbytes > self.budget_bytes:
+        while self._kept and (self.nbytes + nbytes > self.budget_bytes or len(self._kept) >= self.max_kept):
             self._drop(next(iter(self._kept)))
         self._kept[next(self._numbers)] = kept
         self.nbytes += nbytes

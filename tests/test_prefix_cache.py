@@ -43,6 +43,14 @@ def test_keep_drops_what_the_new_sequence_covers_and_evicts_the_least_recently_u
     assert cache.lookup([7, 8, 9, 9]) is None and cache.nbytes == 90
 
 
+def test_at_most_max_kept_sequences_whatever_the_bytes():
+    cache = PrefixCache(budget_bytes=10**9, min_tokens=2, max_kept=3)
+    for first in range(5):
+        cache.keep([first, 1, 2, 3], first, 1)
+    assert len(cache) == 3 and cache.nbytes == 3
+    assert cache.lookup([0, 1, 2, 3, 4]) is None and cache.lookup([4, 1, 2, 3, 4])[0].kv == 4
+
+
 def test_common_prefix():
     a = np.array([1, 2, 3])
     assert [common_prefix(a, np.array(b)) for b in ([1, 2, 3, 4], [1, 5], [], [2])] == [3, 1, 0, 0]
