@@ -45,6 +45,13 @@ def one_chat(engine: Engine, answer_tokens: int) -> list[tuple[int, float]]:
     return turns
 
 
+def settle(engine: Engine) -> None:
+    """Wait until the batch thread has released the last sequence: a stream ends before its sequence
+    is released, and the release keeps the finished sequence in the prefix cache."""
+    while engine.scheduler.active:
+        time.sleep(0.001)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("artifact", type=Path)
@@ -61,6 +68,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, engine in engines.items():
             if engine.prefix_cache is not None:
+                settle(engine)
                 engine.prefix_cache.clear()  # every round starts a new chat with the cache warm from nothing
             runs[name].append(one_chat(engine, args.answer_tokens))
     for engine in engines.values():

@@ -6,7 +6,8 @@ long prompt never stalls everyone's decoding for its whole length), then ONE bat
 for all sequences that have a token to feed. While others are decoding, the chunk is sized by
 `PrefillPacer` to cost about one decode step, so a joining prompt at most doubles their gap.
 Finished or cancelled sequences leave at once and their slot (and its KV memory) is reused by the
-next in line.
+next in line. With a prefix cache, an admitted sequence starts from a copy of the cache of a kept
+sequence its prompt begins like, and a sequence is kept once its prompt is read and when it ends.
 """
 
 from __future__ import annotations
@@ -167,9 +168,9 @@ class BatchScheduler:
             if state.stream.cancelled.is_set():
                 state.finish(FINISH_CANCELLED)
             if state.done:
-                self._active.remove(state)
                 if state.finish_reason != FINISH_ERROR:  # the prompt and the answer, for the next turn of a chat
                     self._keep(state, self.backend.cached_tokens(state.slot))
+                self._active.remove(state)  # after the copy: `active` reaching 0 means the cache is settled
                 self.backend.reset(state.slot)
                 self._free_slots.append(state.slot)
                 self._free_slots.sort()
