@@ -10,7 +10,6 @@ bench/results/chat-turns-<date>.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ from llmpack.runtime.protocol import parse_request
 from llmpack.runtime.template import DEFAULT_SYSTEM_PROMPT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import header  # noqa: E402
+from machine import header, write_results  # noqa: E402
 
 QUESTIONS = ["Tell me a story about a brave little boat.", "What happened to the boat next?",
              "Who helped the boat when the storm came?", "How did the story end?",
@@ -84,9 +83,7 @@ def main() -> None:
         tokens = runs["prefix cache on"][0][turn][0]
         lines.append(f"| {turn + 1} | {tokens} | {1000 * statistics.median(on):.0f} | "
                      f"{1000 * statistics.median(off):.0f} | {statistics.median(off) / statistics.median(on):.1f}× |")
-    out = Path(__file__).resolve().parent / "results" / f"chat-turns-{dt.date.today().isoformat()}.md"
-    out.write_text("\n".join(lines) + "\n")
-    sys.stdout.write("\n".join(lines) + f"\n\nwritten to {out}\n")
+    write_results("chat-turns", lines)
 
 
 if __name__ == "__main__":

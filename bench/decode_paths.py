@@ -9,7 +9,6 @@ Writes bench/results/decode-paths-<date>.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import statistics
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import header  # noqa: E402
+from machine import header, write_results  # noqa: E402
 
 from llmpack.runtime import manifest as names  # noqa: E402
 from llmpack.runtime.artifact import open_artifact  # noqa: E402
@@ -90,9 +89,7 @@ def main() -> None:
                      f"{1000 * statistics.median(f for _, f in runs):.0f} |")
     ratio = statistics.median(s for s, _ in results["iobinding"]) / statistics.median(s for s, _ in results["numpy"])
     lines += ["", f"iobinding / numpy decode speed: {ratio:.2f}×", ""]
-    out = Path(__file__).resolve().parent / "results" / f"decode-paths-{dt.date.today().isoformat()}.md"
-    out.write_text("\n".join(lines))
-    sys.stdout.write("\n".join(lines) + f"\nwritten to {out}\n")
+    write_results("decode-paths", lines)
 
 
 if __name__ == "__main__":

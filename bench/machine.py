@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from llmpack.cli.bench_workload import cpu_model, versions  # one definition, shared with the peers
 
@@ -22,3 +23,11 @@ def header(title: str, *packages: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def write_results(name: str, lines: list[str], label: str = "") -> Path:
+    """bench/results/<name>-<date><label>.md, echoed to stdout with where it went."""
+    out = Path(__file__).resolve().parent / "results" / f"{name}-{dt.date.today().isoformat()}{label}.md"
+    out.write_text("\n".join(lines) + "\n")
+    sys.stdout.write("\n".join(lines) + f"\n\nwritten to {out}\n")
+    return out

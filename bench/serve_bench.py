@@ -8,7 +8,6 @@ between stream events (inter-token latency) per concurrency. Writes bench/result
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import socket
@@ -26,7 +25,7 @@ from llmpack.runtime.fused_interface import MIXED_MODEL_FILE
 from llmpack.runtime.prefix_cache import DEFAULT_BUDGET_MB
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import header  # noqa: E402
+from machine import header, write_results  # noqa: E402
 
 PROMPT = ("Once upon a time, in a small town by the sea, there lived a girl who loved to read books about "
           "ships, stars and faraway places. Every evening she sat by the window and")
@@ -206,9 +205,7 @@ def main() -> None:
                      f"{1000 * row['ttft_p50']:.0f} / {1000 * row['ttft_p99']:.0f} | "
                      f"{1000 * row['itl_p50']:.1f} / {1000 * row['itl_p99']:.1f} | "
                      f"{row['itl_p99'] / single['itl_p99']:.2f} |")
-    out = Path(__file__).resolve().parent / "results" / f"serve-{dt.date.today().isoformat()}{args.label}.md"
-    out.write_text("\n".join(lines) + "\n")
-    sys.stdout.write("\n".join(lines) + f"\n\nwritten to {out}\n")
+    write_results("serve", lines, args.label)
 
 
 if __name__ == "__main__":
