@@ -3,6 +3,7 @@ every answer stays what it is without the cache."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,6 +13,7 @@ from llmpack.runtime.artifact import open_artifact, open_backend
 from llmpack.runtime.engine import Engine, EngineOptions
 from llmpack.runtime.prefix_cache import PrefixCache, common_prefix
 from llmpack.runtime.protocol import parse_request
+from llmpack.runtime.sampling import SamplingParams
 
 PROMPT = [1] + list(range(100, 119))  # 20 tokens
 
@@ -118,4 +120,29 @@ def test_a_failed_copy_falls_back_to_reading_the_whole_prompt(fused_stories, cap
     engine.backend.import_kv = broken
     assert engine.complete(parse_request(body)).text == want
     assert "reading the prompt in full" in caplog.text
+    engine.close()
+
+
+def test_a_prompt_cancelled_while_being_read_leaves_a_prefix_that_gives_the_same_answer(fused_stories):
+    prompt = [1] + list(range(40, 440))  # 401 tokens, read 8 a step while another sequence decodes
+    greedy = SamplingParams(temperature=0)
+    alone = Engine.load(fused_stories, EngineOptions(max_batch=2, prefix_cache_mb=0))
+    want = list(alone.generate_ids(prompt, 12, greedy, stop_ids=()))
+    alone.close()
+    engine = Engine.load(fused_stories, EngineOptions(max_batch=2, prefill_chunk=8, prefix_cache_mb=64))
+    runner = iter(engine.generate_ids([1, 7, 8], 2000, greedy, stop_ids=()))
+    next(runner)  # decoding in slot 0: the prompt below is read a chunk per step
+    victim = engine.generate_ids(prompt, 12, greedy, stop_ids=())
+    deadline = time.monotonic() + 30
+    while engine.backend.cached_tokens(1) < 16 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    victim.cancel()
+    while engine.scheduler.active > 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert list(victim) == [] and victim.finish_reason == "cancelled"
+    kept = [len(k.ids) for k in engine.prefix_cache._kept.values() if list(k.ids) == prompt[: len(k.ids)]]
+    assert kept and 16 <= max(kept) < len(prompt)  # the part read before the cancel, not more
+    assert list(engine.generate_ids(prompt, 12, greedy, stop_ids=())) == want
+    assert engine.prefix_cache.hits >= 1
+    runner.close()
     engine.close()
