@@ -8,7 +8,7 @@ FUZZ_EXAMPLES ?= 300
 FUZZ_SEED ?=
 SOAK_SECONDS ?= 180
 
-.PHONY: install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-step-costs gpu-check clean bench bench-variants bench-peers
+.PHONY: install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-huge-pages bench-step-costs gpu-check clean bench bench-variants bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ bench-serve: bench-model
 bench-chat: bench-model
 	$(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-fp32 --graph ort-fused
 	$(BIN)/python bench/chat_turns.py artifacts/bench-110m-fused-fp32
+
+# Batch-1 decode on 4 KiB pages vs 2 MiB pages, each process its own before/after (README, huge pages).
+bench-huge-pages: bench-variants
+	$(BIN)/python bench/huge_pages_ab.py artifacts/bench-110m-fused-fp32 artifacts/bench-110m-fused-int4 artifacts/bench-110m
 
 # What one step costs by prompt chunk, batch and cache capacity (README, continuous batching).
 bench-step-costs: bench-model

@@ -43,12 +43,14 @@ def describe(manifest) -> str:
 @click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed generations.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed generations first.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads [default: all cores].")
+@click.option("--huge-pages/--no-huge-pages", default=True, show_default=True,
+              help="Move the loaded weights onto 2 MiB pages (what serving does).")
 @click.option("--name", default=None, help="Label in the JSON line [default: llmpack FLAVOUR PRECISION].")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-results.jsonl"), show_default=True,
               help="JSON-lines file the record is appended to.")
 @translate_errors
 def bench(artifact: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup: int, threads: int | None,
-          name: str | None, out: Path) -> None:
+          huge_pages: bool, name: str | None, out: Path) -> None:
     """Measure TTFT, decode tokens/s (median and spread), peak RSS and size of ARTIFACT; print a JSON line."""
     from llmpack.runtime.artifact import open_artifact, open_backend
     from llmpack.runtime.ort_backend import default_threads
@@ -59,7 +61,7 @@ def bench(artifact: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup
         raise click.BadParameter(f"{prompt_tokens} + {new_tokens} tokens exceed the artifact's context of "
                                  f"{manifest.max_context}", param_hint="--prompt-tokens/--new-tokens")
     threads = threads or default_threads()
-    backend = open_backend(opened, "cpu", threads=threads, max_batch=1)
+    backend = open_backend(opened, "cpu", threads=threads, max_batch=1, huge_pages=huge_pages)
     prompt = workload.prompt_ids(prompt_tokens, manifest.config.vocab_size, manifest.bos_token_id)
     timings = workload.run_workload(lambda ids: backend.prefill(0, ids), lambda token: backend.decode([0], [token])[0],
                                     lambda: backend.reset(0), prompt, new_tokens, runs, warmup)
@@ -67,7 +69,7 @@ def bench(artifact: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup
         name or describe(manifest), timings, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads,
         artifact_bytes=sum(f.size for f in manifest.files), weight_bytes_per_token=linear_weight_bytes(manifest),
         packages=("llmpack", "onnxruntime", "numpy"), artifact=str(opened.path), backend=backend.name,
-        graph_flavour=manifest.graph_flavour, quant=manifest.quant.method if manifest.quant else "none")
+        graph_flavour=manifest.graph_flavour, huge_pages=huge_pages, quant=manifest.quant.method if manifest.quant else "none")
     sys.stdout.write(workload.emit(line, str(out)) + "\n")
 
 

@@ -58,6 +58,9 @@ def engine_options(f):
                           "else ONNX Runtime CUDA, else CPU.")(f)
     f = click.option("--system-prompt", default=None, help="System prompt for raw=false prompts ('' turns it off).", **remember)(f)
     f = click.option("--no-verify-checksums", is_flag=True, help="Skip hashing artifact files at load (sizes still checked).", **remember)(f)
+    f = click.option("--huge-pages/--no-huge-pages", default=True, show_default=True, **remember,
+                     help="CPU backends: move the loaded weights onto 2 MiB pages (fewer TLB misses per "
+                          "decode step; ~1 s per GB at start-up).")(f)
     return f
 
 
@@ -103,7 +106,7 @@ def load_engine(artifact: Path, max_batch: int = 1):
     options = EngineOptions(backend=chosen.get("backend", "auto"), threads=chosen.get("threads"),
                             system_prompt=chosen.get("system_prompt"),
                             verify_checksums=not chosen.get("no_verify_checksums", False), max_batch=max_batch,
-                            mixed_steps=chosen.get("mixed_steps", True),
+                            mixed_steps=chosen.get("mixed_steps", True), huge_pages=chosen.get("huge_pages", True),
                             prefix_cache_mb=chosen.get("prefix_cache_mb", DEFAULT_BUDGET_MB))
     return Engine.load(artifact, options)
 

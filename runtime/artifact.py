@@ -12,6 +12,7 @@ from pathlib import Path
 from llmpack.runtime import manifest as names
 from llmpack.runtime.cuda_device import GPU_EXTRA, GpuInfo, probe_gpu
 from llmpack.runtime.errors import ArtifactError
+from llmpack.runtime.huge_pages import back_with_huge_pages, mapped_ranges
 from llmpack.runtime.manifest import BuildManifest, check_artifact_files, read_manifest
 from llmpack.runtime.trt_backend import engine_problem, tensorrt_version
 
@@ -94,9 +95,13 @@ def select_backend(requested: str, artifact: Artifact, probes: Probes = Probes()
 
 
 def open_backend(artifact: Artifact, backend: str = "auto", threads: int | None = None, max_batch: int = 1,
-                 probes: Probes = Probes(), mixed_steps: bool = True):
-    """The backend that will run this artifact; the decode loop sees only the Backend interface."""
+                 probes: Probes = Probes(), mixed_steps: bool = True, huge_pages: bool = True):
+    """The backend that will run this artifact; the decode loop sees only the Backend interface.
+
+    `huge_pages`: CPU backends move their loaded weights onto 2 MiB pages (runtime/huge_pages.py).
+    """
     chosen, why = select_backend(backend, artifact, probes)
+    before = mapped_ranges() if huge_pages and chosen == "cpu" else None
     if chosen == "tensorrt":
         from llmpack.runtime.trt_backend import TrtBackend
 
@@ -114,5 +119,7 @@ def open_backend(artifact: Artifact, backend: str = "auto", threads: int | None 
         from llmpack.runtime.ort_backend import OrtBackend
 
         instance = OrtBackend(artifact.path, artifact.manifest, threads=threads, max_batch=max_batch)
+    if before is not None:
+        back_with_huge_pages(before)
     log.info("backend %s for %s (%s)", instance.name, artifact.path.name, why)
     return instance

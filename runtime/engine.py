@@ -38,6 +38,8 @@ class EngineOptions:
     # KV copies of recent sequences, so a prompt that begins like one of them (the template and system
     # prompt, a chat's earlier turns) skips that part; 0 turns it off
     prefix_cache_mb: int = DEFAULT_BUDGET_MB
+    # CPU backends: the loaded weights moved onto 2 MiB pages (runtime/huge_pages.py)
+    huge_pages: bool = True
 
 
 class Engine:
@@ -64,7 +66,7 @@ class Engine:
         artifact = open_artifact(path, verify_checksums=options.verify_checksums)
         tokenizer = Tokenizer.from_file(artifact.tokenizer_path)
         backend = open_backend(artifact, options.backend, options.threads, options.max_batch,
-                               mixed_steps=options.mixed_steps)
+                               mixed_steps=options.mixed_steps, huge_pages=options.huge_pages)
         system = options.system_prompt
         if system is None:
             stored = artifact.manifest.default_system_prompt
