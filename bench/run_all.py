@@ -43,10 +43,15 @@ class Contender:
         return all(Path(a).exists() for a in self.argv if a.startswith(str(REPO)))
 
 
-def llmpack(artifact: str, engine: str, precision: str) -> Contender:
+def llmpack(artifact: str, engine: str, precision: str, huge_pages: bool = True) -> Contender:
+    """An llmpack artifact through `llm-serve bench`; huge_pages=False is the same on 4 KiB pages, the
+    control that shows what runtime/huge_pages.py is worth in the same rounds."""
     path = str(REPO / "artifacts" / artifact)
-    return Contender(f"llmpack {engine} {precision}", f"llmpack {engine}", precision,
-                     (PYTHON, "-m", "llmpack.cli.bench_cmd", path, "--out", os.devnull))
+    argv = (PYTHON, "-m", "llmpack.cli.bench_cmd", path, "--out", os.devnull)
+    if huge_pages:
+        return Contender(f"llmpack {engine} {precision}", f"llmpack {engine}", precision, argv)
+    return Contender(f"llmpack {engine} {precision} 4k-pages", f"llmpack {engine}", precision,
+                     argv + ("--no-huge-pages",))
 
 
 def contenders(weight_bytes: dict[str, int]) -> list[Contender]:
@@ -55,6 +60,7 @@ def contenders(weight_bytes: dict[str, int]) -> list[Contender]:
     found = [llmpack("bench-110m", "standard", "fp32"), llmpack("bench-110m-fused-fp32", "ort-fused", "fp32"),
              llmpack("bench-110m-std-int8", "standard", "int8"), llmpack("bench-110m-fused-int8", "ort-fused", "int8"),
              llmpack("bench-110m-std-int4", "standard", "int4"), llmpack("bench-110m-fused-int4", "ort-fused", "int4")]
+    found += [llmpack(f"bench-110m-fused-{p}", "ort-fused", p, huge_pages=False) for p in ("fp32", "int8", "int4")]
     for precision in ("fp32", "int8", "int4"):
         found.append(Contender(f"onnxruntime-genai {precision}", "onnxruntime-genai", precision, (
             genai, str(REPO / "bench" / "peers" / "genai_run.py"), str(models / f"genai-110m-{precision}"),
@@ -128,6 +134,26 @@ def _cell(row: dict) -> str:
     return f"{row['tps_median']:.1f} ({spread}) | {statistics.median(row['ttft']):.0f}"
 
 
+def ratio_lines(table: dict[str, dict], precision: str) -> list[str]:
+    """llmpack ort-fused against each other contender of the same precision that ran in the same rounds."""
+    ours = table.get(f"llmpack ort-fused {precision}")
+    others = [("onnxruntime-genai", f"onnxruntime-genai {precision}"),
+              ("optimum-onnx", f"optimum-onnx {precision}"),
+              ("itself on 4 KiB pages", f"llmpack ort-fused {precision} 4k-pages")]
+    if precision != "fp32":  # llama.cpp f32 is in the table; the issue compares its quantized types
+        others.insert(1, ("llama.cpp " + LLAMACPP_TYPES[precision], f"llama.cpp {LLAMACPP_TYPES[precision]}"))
+    lines = []
+    for label, name in others:
+        other = table.get(name)
+        if ours and other:
+            lines.append(f"- {precision}: llmpack ort-fused / {label} decode {ours['tps_median'] / other['tps_median']:.2f}×, "
+                         f"TTFT {statistics.median(ours['ttft']):.0f} vs {statistics.median(other['ttft']):.0f} ms")
+    standard = table.get(f"llmpack standard {precision}")
+    if ours and standard:
+        lines.append(f"- {precision}: llmpack ort-fused / standard decode {ours['tps_median'] / standard['tps_median']:.2f}×")
+    return lines
+
+
 def report(table: dict[str, dict], loads: list[float], args) -> list[str]:
     lines = ["| contender | precision | decode tok/s median (min–max) | TTFT ms | peak RSS MiB | size MB | "
              "read GB/s | roofline tok/s | of roofline |", "|---|---|---|---|---|---|---|---|---|"]
@@ -137,24 +163,7 @@ def report(table: dict[str, dict], loads: list[float], args) -> list[str]:
                      f"{row['bytes'] / 1e6:.0f} | {row['bw_median']:.1f} | {roof} |")
     lines += ["", "Ratios, same precision, same rounds (decode tok/s; TTFT: lower is better):", ""]
     for precision in ("fp32", "int8", "int4"):
-        ours, peer = table.get(f"llmpack ort-fused {precision}"), table.get(f"onnxruntime-genai {precision}")
-        if ours and peer:
-            lines.append(f"- {precision}: llmpack ort-fused / onnxruntime-genai decode "
-                         f"{ours['tps_median'] / peer['tps_median']:.2f}×, TTFT "
-                         f"{statistics.median(ours['ttft']):.0f} vs {statistics.median(peer['ttft']):.0f} ms")
-        cpp = table.get(f"llama.cpp {LLAMACPP_TYPES[precision]}")
-        if ours and cpp and precision != "fp32":
-            lines.append(f"- {precision} vs {LLAMACPP_TYPES[precision]}: llmpack ort-fused / llama.cpp decode "
-                         f"{ours['tps_median'] / cpp['tps_median']:.2f}×, TTFT "
-                         f"{statistics.median(ours['ttft']):.0f} vs {statistics.median(cpp['ttft']):.0f} ms")
-        optimum = table.get(f"optimum-onnx {precision}")
-        if ours and optimum:
-            lines.append(f"- {precision}: llmpack ort-fused / optimum-onnx decode "
-                         f"{ours['tps_median'] / optimum['tps_median']:.2f}×, TTFT "
-                         f"{statistics.median(ours['ttft']):.0f} vs {statistics.median(optimum['ttft']):.0f} ms")
-        standard = table.get(f"llmpack standard {precision}")
-        if ours and standard:
-            lines.append(f"- {precision}: llmpack ort-fused / standard decode {ours['tps_median'] / standard['tps_median']:.2f}×")
+        lines += ratio_lines(table, precision)
     lines += ["", f"Machine load (1-min average) before each contender: min {min(loads):.2f}, median "
               f"{statistics.median(loads):.2f}, max {max(loads):.2f} (2 cores; the benchmark's own two threads keep it near 2, so above ~2.5 other work was running).",
               f"Workload: {args.prompt_tokens}-token prompt (cli/bench_workload.py prompt_ids), exactly {args.new_tokens} "
