@@ -217,13 +217,14 @@ class OrtBackend(CpuSessionBackend):
         c = self.manifest.config
         return len(self._past_names) * c.num_kv_heads * c.head_dim * self._empty_past.itemsize * tokens
 
-    def export_kv(self, slot: int, length: int) -> list[np.ndarray]:
-        """A copy of the slot's first `length` positions, [1, kv_heads, length, head_dim] per layer k/v."""
+    def export_kv(self, slot: int, length: int) -> np.ndarray:
+        """A copy of the slot's first `length` positions, [layers x (k, v), 1, kv_heads, length, head_dim],
+        in one allocation (see OrtFusedBackend.export_kv)."""
         if length > self._lengths[slot]:
             raise BackendError(f"slot {slot} holds {self._lengths[slot]} tokens, not {length}")
         in_batch = self._batch is not None and slot in self._batch.live
         cache = self._batch.row_cache(slot) if in_batch else self._pasts[slot]
-        return [as_array(value)[:, :, :length].copy() for value in cache]
+        return np.stack([as_array(value)[:, :, :length] for value in cache])
 
     def import_kv(self, slot: int, kv: list[np.ndarray], length: int) -> None:
         """Start the (reset) slot from the first `length` positions of an exported copy."""
