@@ -280,9 +280,9 @@ class OrtFusedBackend(CpuSessionBackend):
     def export_kv(self, slot: int, length: int) -> np.ndarray:
         """A copy of the slot's first `length` positions, [buffers, kv_heads, length, head_dim].
 
-        One allocation, not one per buffer: kept copies come and go all day, and a few MB each
-        raised glibc's mmap threshold so that they fragmented the heap (soak, bench-110m int4, 150 s:
-        RSS outside the prefix cache +15.5 % with per-buffer copies)."""
+        One allocation, not one per buffer: kept copies come and go all day, and copies of a few MB
+        each raise glibc's mmap threshold, after which they are carved from the heap instead of
+        being mapped and handed back whole."""
         if length > self._lengths[slot]:
             raise BackendError(f"slot {slot} holds {self._lengths[slot]} tokens, not {length}")
         return np.stack([buffer[slot, :, :length] for buffer in self.cache.buffers])
