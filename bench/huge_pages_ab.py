@@ -21,29 +21,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import header, write_results  # noqa: E402
 
+PROMPT_TOKENS = 16  # the shared benchmark prompt (cli/bench_workload.py), short: decode is what is timed
+
 
 def measure_one_process(artifact: Path, steps: int, collapse: bool, threads: int) -> dict:
+    from llmpack.cli import bench_workload as workload
     from llmpack.runtime.artifact import open_artifact, open_backend
     from llmpack.runtime.huge_pages import back_with_huge_pages
 
-    backend = open_backend(open_artifact(artifact, verify_checksums=False), "cpu", threads=threads, max_batch=1,
-                           huge_pages=False)
+    opened = open_artifact(artifact, verify_checksums=False)
+    backend = open_backend(opened, "cpu", threads=threads, max_batch=1, huge_pages=False)
+    prompt = workload.prompt_ids(PROMPT_TOKENS, opened.manifest.config.vocab_size, opened.manifest.bos_token_id)
 
-    def decode_tps() -> float:
-        backend.reset(0)
-        backend.prefill(0, list(range(1, 17)))
-        start = time.perf_counter()
-        for step in range(steps):
-            backend.decode([0], [100 + step])
-        return steps / (time.perf_counter() - start)
+    def decode_tps(warmup: int) -> float:
+        return workload.run_backend(backend, prompt, steps, runs=3, warmup=warmup)["decode_tps"]["median"]
 
-    decode_tps()  # warm-up
-    before = statistics.median(decode_tps() for _ in range(3))
+    before = decode_tps(warmup=1)
     start, moved = time.perf_counter(), 0
     if collapse:
         moved = back_with_huge_pages()
     seconds = time.perf_counter() - start
-    after = statistics.median(decode_tps() for _ in range(3))
+    after = decode_tps(warmup=0)
     return {"before": before, "after": after, "moved_mib": moved / 2**20, "collapse_s": seconds}
 
 
@@ -78,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifacts", type=Path, nargs="+")
     parser.add_argument("--rounds", type=int, default=4, help="Pairs of processes (collapse, control) per artifact.")
-    parser.add_argument("--steps", type=int, default=64, help="Decode steps per timed block (3 blocks before, 3 after).")
+    parser.add_argument("--steps", type=int, default=64, help="Tokens generated greedily per timed block (3 blocks before, 3 after).")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", choices=["collapse", "control"], help=argparse.SUPPRESS)
     parser.add_argument("--label", default="")
@@ -89,7 +87,7 @@ def main() -> None:
         return
     lines = [header("Huge pages: decode after/before in one process", "llmpack", "onnxruntime"),
              f"{args.rounds} rounds × (one collapse process, one control process), {args.steps} decode steps per "
-             f"block after a 16-token prompt, 3 blocks before and 3 after, batch 1, {args.threads} threads.", "",
+             f"block after a {PROMPT_TOKENS}-token prompt, 3 blocks before and 3 after, batch 1, {args.threads} threads.", "",
              "| artifact | after/before, collapse | after/before, control | effect | moved | tok/s before |",
              "|---|---|---|---|---|---|"]
     for artifact in args.artifacts:

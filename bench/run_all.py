@@ -47,11 +47,9 @@ def llmpack(artifact: str, engine: str, precision: str, huge_pages: bool = True)
     """An llmpack artifact through `llm-serve bench`; huge_pages=False is the same on 4 KiB pages, the
     control that shows what runtime/huge_pages.py is worth in the same rounds."""
     path = str(REPO / "artifacts" / artifact)
-    argv = (PYTHON, "-m", "llmpack.cli.bench_cmd", path, "--out", os.devnull)
-    if huge_pages:
-        return Contender(f"llmpack {engine} {precision}", f"llmpack {engine}", precision, argv)
-    return Contender(f"llmpack {engine} {precision} 4k-pages", f"llmpack {engine}", precision,
-                     argv + ("--no-huge-pages",))
+    suffix, flags = ("", ()) if huge_pages else (" 4k-pages", ("--no-huge-pages",))
+    return Contender(f"llmpack {engine} {precision}{suffix}", f"llmpack {engine}", precision,
+                     (PYTHON, "-m", "llmpack.cli.bench_cmd", path, "--out", os.devnull, *flags))
 
 
 def contenders(weight_bytes: dict[str, int]) -> list[Contender]:

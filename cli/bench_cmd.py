@@ -63,8 +63,7 @@ def bench(artifact: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup
     threads = threads or default_threads()
     backend = open_backend(opened, "cpu", threads=threads, max_batch=1, huge_pages=huge_pages)
     prompt = workload.prompt_ids(prompt_tokens, manifest.config.vocab_size, manifest.bos_token_id)
-    timings = workload.run_workload(lambda ids: backend.prefill(0, ids), lambda token: backend.decode([0], [token])[0],
-                                    lambda: backend.reset(0), prompt, new_tokens, runs, warmup)
+    timings = workload.run_backend(backend, prompt, new_tokens, runs, warmup)
     line = workload.record(
         name or describe(manifest), timings, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads,
         artifact_bytes=sum(f.size for f in manifest.files), weight_bytes_per_token=linear_weight_bytes(manifest),

@@ -112,6 +112,12 @@ def run_workload(prefill, step, reset, prompt: list[int], new_tokens: int, runs:
     return {"ttft_ms": spread(ttft, 1), "decode_tps": spread(tps, 2)}
 
 
+def run_backend(backend, prompt: list[int], new_tokens: int, runs: int, warmup: int = 1) -> dict:
+    """run_workload on slot 0 of an llmpack backend: its own prefill / decode / reset calls."""
+    return run_workload(lambda ids: backend.prefill(0, ids), lambda token: backend.decode([0], [token])[0],
+                        lambda: backend.reset(0), prompt, new_tokens, runs, warmup)
+
+
 def record(name: str, timings: dict, *, prompt_tokens: int, new_tokens: int, threads: int, artifact_bytes: int,
            weight_bytes_per_token: int | None, packages: tuple[str, ...], **extra) -> dict:
     """The JSON record every engine writes: timings, memory, size, bandwidth probe, machine, versions."""

@@ -27,6 +27,12 @@ MIN_FILLED = 0.9  # collapse only what is (nearly) all resident: collapsing fill
 MADV_COLLAPSE = 25
 
 
+def address_range(field: str) -> tuple[int, int]:
+    """(start, end) from the "start-end" hex field that opens a /proc/<pid>/maps or smaps line."""
+    start, end = field.split("-")
+    return int(start, 16), int(end, 16)
+
+
 @dataclass(frozen=True)
 class Region:
     start: int
@@ -51,8 +57,7 @@ def filled_anonymous_regions(smaps: str, min_bytes: int = MIN_REGION, min_filled
             current = None
             path = fields[5] if len(fields) > 5 else ""
             if fields[1].startswith("rw") and fields[1].endswith("p") and fields[4] == "0" and path in ("", "[heap]"):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                current = [start, end]
+                current = address_range(fields[0])
         elif fields[0] == "Rss:" and current is not None:
             start, end = current
             rss = int(fields[1]) * 1024
@@ -81,7 +86,7 @@ def mapped_ranges(maps_path: Path = Path("/proc/self/maps")) -> frozenset[tuple[
         lines = maps_path.read_text().splitlines()
     except OSError:
         return frozenset()
-    return frozenset(tuple(int(x, 16) for x in line.split(maxsplit=1)[0].split("-")) for line in lines if line)
+    return frozenset(address_range(line.split(maxsplit=1)[0]) for line in lines if line)
 
 
 def back_with_huge_pages(before: frozenset[tuple[int, int]] = frozenset(),
@@ -119,4 +124,3 @@ def thp_setting(path: Path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
         return "unknown"
     start, end = text.find("["), text.find("]")
     return text[start + 1:end] if 0 <= start < end else "unknown"
-

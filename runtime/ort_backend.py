@@ -226,7 +226,7 @@ class OrtBackend(CpuSessionBackend):
         cache = self._batch.row_cache(slot) if in_batch else self._pasts[slot]
         return np.stack([as_array(value)[:, :, :length] for value in cache])
 
-    def import_kv(self, slot: int, kv: list[np.ndarray], length: int) -> None:
+    def import_kv(self, slot: int, kv: np.ndarray, length: int) -> None:
         """Start the (reset) slot from the first `length` positions of an exported copy."""
         self._check_room(slot, length)
         self._pasts[slot] = [np.ascontiguousarray(part[:, :, :length]) for part in kv]

@@ -287,7 +287,7 @@ class OrtFusedBackend(CpuSessionBackend):
             raise BackendError(f"slot {slot} holds {self._lengths[slot]} tokens, not {length}")
         return np.stack([buffer[slot, :, :length] for buffer in self.cache.buffers])
 
-    def import_kv(self, slot: int, kv: list[np.ndarray], length: int) -> None:
+    def import_kv(self, slot: int, kv: np.ndarray, length: int) -> None:
         """Start the (reset) slot from the first `length` positions of an exported copy."""
         self._check_room(slot, length)
         self._ensure(slot + 1, length + 1)
