@@ -8,7 +8,7 @@ FUZZ_EXAMPLES ?= 300
 FUZZ_SEED ?=
 SOAK_SECONDS ?= 180
 
-.PHONY: install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-huge-pages bench-step-costs gpu-check clean bench bench-variants bench-peers
+.PHONY: install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-huge-pages bench-int4-kernel bench-step-costs gpu-check clean bench bench-variants bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -76,6 +76,12 @@ bench-chat: bench-model
 # Batch-1 decode on 4 KiB pages vs 2 MiB pages, each process its own before/after (README, huge pages).
 bench-huge-pages: bench-variants
 	$(BIN)/python bench/huge_pages_ab.py artifacts/bench-110m-fused-fp32 artifacts/bench-110m-fused-int4 artifacts/bench-110m
+
+# The 4-bit MatMulNBits kernel alone by block size and zero points, in the 110M and 7B shapes (README, the
+# quantization defaults); random weights made in process, nothing to download or build first.
+bench-int4-kernel: install
+	$(BIN)/python bench/int4_kernel.py --shape stories110m --label=-110m
+	$(BIN)/python bench/int4_kernel.py --shape llama2-7b --layers 3 --rounds 5 --steps 5 --label=-7b
 
 # What one step costs by prompt chunk, batch and cache capacity (README, continuous batching).
 bench-step-costs: bench-model

@@ -45,3 +45,21 @@ def test_prompt_is_fixed_and_weight_bytes_match_the_110m_shape():
     assert abs(linear_weight_bytes(fp32) / 1e6 - 438) < 1  # the 438 MB/token
     int4 = type("M", (), {"config": shape, "quant": QuantInfo("int4", 4, 32, 4, True), "dtype": "fp32"})
     assert abs(linear_weight_bytes(int4) / linear_weight_bytes(fp32) - (0.5 + 4 / 32) / 4) < 1e-3
+
+
+def test_the_int4_kernel_bench_runs_the_linears_one_step_reads():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "int4_kernel.py"
+    spec = importlib.util.spec_from_file_location("int4_kernel", path)
+    kernel_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel_bench)
+    for heads, kv_heads in ((12, 12), (12, 4)):  # the 110M shape, and grouped-query attention
+        config = ModelConfig(32000, 768, 2048, 3, heads, kv_heads, 64, 1e-5, 10000.0, 4096, False)
+        fp32 = type("M", (), {"config": config, "quant": None, "dtype": "fp32"})
+        shape = dict(hidden_size=768, intermediate_size=2048, num_attention_heads=heads,
+                     num_key_value_heads=kv_heads, vocab_size=32000)
+        linears = kernel_bench.linear_shapes(shape, layers=3)
+        assert 4 * sum(n * k for _, n, k, _ in linears) == linear_weight_bytes(fp32)
+        assert [source for name, _, _, source in linears if name.endswith("down")] == ["h"] * 3
