@@ -12,8 +12,10 @@ costs. Writes bench/results/int4-kernel-<date><label>.md.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,41 +39,29 @@ def linear_shapes(shape: dict, layers: int) -> list[tuple[str, int, int, str]]:
     return found + [("head", shape["vocab_size"], hidden, "x")]
 
 
-def kernel_graph(shapes: list[tuple[str, int, int, str]], spec, hidden: int, inter: int) -> tuple[bytes, int]:
-    """A model of independent MatMulNBits nodes (serialized) and its bytes of quantized weights."""
-    from onnx import TensorProto, helper, numpy_helper
+def kernel_model(folder: Path, shapes: list[tuple[str, int, int, str]], spec, hidden: int, inter: int) -> tuple[Path, int]:
+    """A model of independent MatMulNBits nodes, written the way the export writes every Linear
+    (export.quantize.write_linear into model.onnx.data); its path and its bytes of quantized weights."""
+    from llmpack.export.onnx_writer import GraphWriter, value_info
+    from llmpack.export.quantize import write_linear
 
-    from llmpack.export.quantize import CONTRIB_DOMAIN, quantize
-
-    rng, nodes, weights = np.random.default_rng(0), [], []
-    for name, n, k, source in shapes:
-        q = quantize(rng.standard_normal((n, k), dtype=np.float32) * 0.02, spec)
-        tensors = {f"{name}.codes": q.codes, f"{name}.scales": q.scales}
-        if q.zero_points is not None:
-            tensors[f"{name}.zero_points"] = q.zero_points
-        weights += [numpy_helper.from_array(array, key) for key, array in tensors.items()]
-        nodes.append(helper.make_node("MatMulNBits", [source, *tensors], [f"{name}.y"], domain=CONTRIB_DOMAIN,
-                                      K=k, N=n, bits=4, block_size=spec.block_size,
-                                      accuracy_level=spec.accuracy_level))
-    graph = helper.make_graph(
-        nodes, "int4_kernel",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden]),
-         helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, inter])],
-        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None) for node in nodes], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(CONTRIB_DOMAIN, 1)])
-    model.ir_version = 10  # what onnxruntime 1.31 reads
-    return model.SerializeToString(), sum(len(w.raw_data) for w in weights)
+    rng = np.random.default_rng(0)
+    g = GraphWriter(folder / "model.onnx.data")
+    outputs = [write_linear(g, source, name, rng.standard_normal((n, k), dtype=np.float32) * 0.02, spec)
+               for name, n, k, source in shapes]
+    g.finish([value_info("x", "float32", (1, hidden)), value_info("h", "float32", (1, inter))],
+             [value_info(name, "float32", (1, n)) for name, (_, n, _, _) in zip(outputs, shapes)],
+             opset=17, path=folder / "model.onnx", doc="bench/int4_kernel.py")
+    return folder / "model.onnx", (folder / "model.onnx.data").stat().st_size
 
 
-def open_session(model: bytes, threads: int):
-    import onnxruntime as ort
-
+def open_session(model_path: Path, threads: int):
+    """The runtime's own CPU session, its weights moved onto huge pages as open_backend moves them."""
     from llmpack.runtime.huge_pages import back_with_huge_pages, mapped_ranges
+    from llmpack.runtime.ort_backend import create_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     before = mapped_ranges()
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session = create_session(model_path, threads)
     back_with_huge_pages(before)
     return session
 
@@ -111,10 +101,16 @@ def main() -> None:
     shapes = linear_shapes(shape, args.layers or shape["num_hidden_layers"])
     feeds = {"x": np.random.default_rng(1).random((1, shape["hidden_size"]), dtype=np.float32),
              "h": np.random.default_rng(2).random((1, shape["intermediate_size"]), dtype=np.float32)}
-    variants = []
-    for text in args.variants.split(","):
-        model, weight_bytes = kernel_graph(shapes, parse_variant(text), shape["hidden_size"], shape["intermediate_size"])
-        variants.append((text, weight_bytes, open_session(model, args.threads)))
+    variants, folder = [], Path(tempfile.mkdtemp(prefix="int4-kernel-"))
+    try:
+        for text in args.variants.split(","):
+            variant_folder = folder / text.replace(":", "-")
+            variant_folder.mkdir()
+            model, weight_bytes = kernel_model(variant_folder, shapes, parse_variant(text), shape["hidden_size"],
+                                               shape["intermediate_size"])
+            variants.append((text, weight_bytes, open_session(model, args.threads)))
+    finally:  # the sessions hold their weights in memory; the files are not needed once they are open
+        shutil.rmtree(folder)
     rounds = {text: [] for text, _, _ in variants}
     for _ in range(args.rounds):
         for text, _, session in variants:

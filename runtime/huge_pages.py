@@ -4,8 +4,9 @@ mappings (the weights ONNX Runtime prepacked, the KV buffers) onto 2 MiB transpa
 Why: a decode step streams every weight once, and with 4 KiB pages that is up to one TLB miss
 (a two-level page walk inside a VM) per 4 KiB read; 2 MiB pages cover a 7B model's weights with ~2300
 TLB entries. Measured with bench/huge_pages_ab.py (each process its own before/after, so the
-per-process bandwidth of this VM cancels): Llama-2-7B-shape int4 1.12x, bench-110m int4 1.05x and
-1.11x, bench-110m fp32 1.00x and 0.89x (noise: its control processes moved 0.97-1.14x).
+per-process bandwidth of this VM cancels): Llama-2-7B-shape int4 1.12x, bench-110m int4 1.05x,
+1.11x and 1.16x, bench-110m fp32 1.00x, 0.89x and 1.04x (noise: its control processes moved
+0.94-1.14x).
 Most hosts leave THP at `madvise`, so nothing is on huge pages unless the process asks;
 MADV_COLLAPSE (Linux 6.1+) asks for memory that is already filled, so it works after ONNX Runtime
 has allocated, with no environment variable to set before start-up. It copies: ~1 s per GB, once.
