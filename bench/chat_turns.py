@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from llmpack.runtime.engine import Engine, EngineOptions
-from llmpack.runtime.protocol import parse_request
+from llmpack.runtime.serve.protocol import parse_request
 from llmpack.runtime.template import DEFAULT_SYSTEM_PROMPT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,7 +34,7 @@ def one_chat(engine: Engine, answer_tokens: int) -> list[tuple[int, float]]:
         messages.append({"role": "user", "content": question})
         request = parse_request({"messages": messages, "max_tokens": answer_tokens, "temperature": 0})
         started = time.perf_counter()
-        stream = engine.stream(request)
+        stream = engine.stream_request(request)
         pieces = iter(stream)
         first = next(pieces, "")
         ttft = time.perf_counter() - started

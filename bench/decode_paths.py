@@ -21,7 +21,7 @@ from machine import header, write_results  # noqa: E402
 
 from llmpack.runtime import manifest as names  # noqa: E402
 from llmpack.runtime.artifact import open_artifact  # noqa: E402
-from llmpack.runtime.ort_backend import OrtBackend  # noqa: E402
+from llmpack.runtime.backends.ort_cpu import OrtBackend  # noqa: E402
 
 
 class NumpyPath:

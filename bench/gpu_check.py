@@ -23,11 +23,23 @@ from machine import header  # noqa: E402
 
 from llmpack.export.build import BuildOptions  # noqa: E402
 from llmpack.export.trt_build import EngineBuildOptions, build_with_engine  # noqa: E402
-from llmpack.export.verify import (LOGIT_TOLERANCE, Check, ParityReport,  # noqa: E402
-                                   _artifact_greedy, _load_reference, _reference_greedy, parity_checks)
-from llmpack.runtime.artifact import CUDA_PROVIDER, ort_providers, open_artifact, open_backend  # noqa: E402
-from llmpack.runtime.cuda_device import GPU_EXTRA, cudart, cuda_call, probe_gpu  # noqa: E402
-from llmpack.runtime.trt_backend import tensorrt_version  # noqa: E402
+from llmpack.export.verify import (  # noqa: E402
+    LOGIT_TOLERANCE,
+    Check,
+    ParityReport,
+    _artifact_greedy,
+    _load_reference,
+    _reference_greedy,
+    parity_checks,
+)
+from llmpack.runtime.artifact import CUDA_PROVIDER, open_artifact, open_backend, ort_providers  # noqa: E402
+from llmpack.runtime.backends.cuda_device import (  # noqa: E402
+    GPU_EXTRA,
+    cuda_call,
+    cudart,
+    probe_gpu,
+    tensorrt_version,  # noqa: E402
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"demo": "demo", "stories260k": str(REPO.parent / "shared" / "models" / "stories260k")}

@@ -27,7 +27,7 @@ PROMPT_TOKENS = 16  # the shared benchmark prompt (cli/bench_workload.py), short
 def measure_one_process(artifact: Path, steps: int, collapse: bool, threads: int) -> dict:
     from llmpack.cli import bench_workload as workload
     from llmpack.runtime.artifact import open_artifact, open_backend
-    from llmpack.runtime.huge_pages import back_with_huge_pages
+    from llmpack.runtime.backends.huge_pages import back_with_huge_pages
 
     opened = open_artifact(artifact, verify_checksums=False)
     backend = open_backend(opened, "cpu", threads=threads, max_batch=1, huge_pages=False)

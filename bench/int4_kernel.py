@@ -57,8 +57,8 @@ def kernel_model(folder: Path, shapes: list[tuple[str, int, int, str]], spec, hi
 
 def open_session(model_path: Path, threads: int):
     """The runtime's own CPU session, its weights moved onto huge pages as open_backend moves them."""
-    from llmpack.runtime.huge_pages import back_with_huge_pages, mapped_ranges
-    from llmpack.runtime.ort_backend import create_session
+    from llmpack.runtime.backends.huge_pages import back_with_huge_pages, mapped_ranges
+    from llmpack.runtime.backends.ort_cpu import create_session
 
     before = mapped_ranges()
     session = create_session(model_path, threads)

@@ -45,7 +45,7 @@ class Contender:
 
 def llmpack(artifact: str, engine: str, precision: str, huge_pages: bool = True) -> Contender:
     """An llmpack artifact through `llm-serve bench`; huge_pages=False is the same on 4 KiB pages, the
-    control that shows what runtime/huge_pages.py is worth in the same rounds."""
+    control that shows what runtime/backends/huge_pages.py is worth in the same rounds."""
     path = str(REPO / "artifacts" / artifact)
     suffix, flags = ("", ()) if huge_pages else (" 4k-pages", ("--no-huge-pages",))
     return Contender(f"llmpack {engine} {precision}{suffix}", f"llmpack {engine}", precision,

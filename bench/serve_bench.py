@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from llmpack.runtime.fused_interface import MIXED_MODEL_FILE
+from llmpack.runtime.backends.fused_interface import MIXED_MODEL_FILE
 from llmpack.runtime.prefix_cache import DEFAULT_BUDGET_MB
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -101,11 +101,11 @@ def one_request(base: str, new_tokens: int) -> dict:
 def engine_sender(engine):
     """`--in-process`: the same requests straight into the Engine (no HTTP, no client process), to
     tell the batching engine's own numbers from what the server and the clients add on 2 cores."""
-    from llmpack.runtime.protocol import parse_request
+    from llmpack.runtime.serve.protocol import parse_request
 
     def send(new_tokens: int) -> dict:
         start, stamps = time.perf_counter(), []
-        stream = engine.stream(parse_request(request_body(new_tokens)))
+        stream = engine.stream_request(parse_request(request_body(new_tokens)))
         for _ in stream:
             stamps.append(time.perf_counter())
         return timing(start, stamps, stream.usage.completion_tokens)

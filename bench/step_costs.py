@@ -21,7 +21,7 @@ import numpy as np
 
 from llmpack.runtime import manifest as names
 from llmpack.runtime.artifact import Artifact, open_artifact, open_backend
-from llmpack.runtime.ort_backend import create_session
+from llmpack.runtime.backends.ort_cpu import create_session
 
 
 def median_ms(run, repeat: int = 5) -> float:

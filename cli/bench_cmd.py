@@ -18,10 +18,7 @@ from llmpack.cli.common import translate_errors
 
 def linear_weight_bytes(manifest) -> int:
     """Bytes of Linear weights (head included) one decode step reads: what bounds batch-1 decode speed."""
-    c = manifest.config
-    per_layer = (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-                 + c.num_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
-    params = c.num_layers * per_layer + c.vocab_size * c.hidden_size
+    params = manifest.config.linear_parameters
     quant = manifest.quant
     if quant is None:
         return params * (2 if manifest.dtype == "fp16" else 4)
@@ -53,7 +50,7 @@ def bench(artifact: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup
           huge_pages: bool, name: str | None, out: Path) -> None:
     """Measure TTFT, decode tokens/s (median and spread), peak RSS and size of ARTIFACT; print a JSON line."""
     from llmpack.runtime.artifact import open_artifact, open_backend
-    from llmpack.runtime.ort_backend import default_threads
+    from llmpack.runtime.backends.ort_cpu import default_threads
 
     opened = open_artifact(artifact, verify_checksums=False)
     manifest = opened.manifest

@@ -1,10 +1,12 @@
-"""CLI edge helpers shared by `llm-export` and `llm-serve`: logging setup and error translation."""
+"""CLI edge helpers shared by `llm-export` and `llm-serve`: logging, error translation, option defaults."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
+from types import SimpleNamespace
 
 import click
 
@@ -34,3 +36,9 @@ def translate_errors(command):
             sys.exit(130)
 
     return wrapper
+
+
+def defaults_of(options_class) -> SimpleNamespace:
+    """The field defaults of an options dataclass: a click option shows and uses the one defined there."""
+    return SimpleNamespace(**{field.name: field.default for field in dataclasses.fields(options_class)
+                              if field.default is not dataclasses.MISSING})

@@ -1,4 +1,4 @@
-"""CLI edge of the export stage: `llm-export build | verify | inspect` (torch is imported only here)."""
+"""CLI edge of the export stage: `llm-export build | verify | inspect`; torch comes in only with the build's imports."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ from pathlib import Path
 
 import click
 
-from llmpack.cli.common import setup_logging, translate_errors
+from llmpack.cli.common import defaults_of, setup_logging, translate_errors
 from llmpack.cli.graph_options import graph_options
+from llmpack.cli.inspect_view import build_summary
+from llmpack.export.options import BuildOptions, EngineBuildOptions
 from llmpack.runtime.artifact import BACKENDS
+
+BUILD, ENGINE = defaults_of(BuildOptions), defaults_of(EngineBuildOptions)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,23 +26,24 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--model", required=True, help="Hugging Face Llama checkpoint folder, or `demo` for the built-in tiny model.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write, e.g. artifacts/NAME.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--max-context", type=click.IntRange(min=2), default=3072, show_default=True,
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=BUILD.dtype, show_default=True)
+@click.option("--max-context", type=click.IntRange(min=2), default=BUILD.max_context, show_default=True,
               help="Context length; capped at the model's max_position_embeddings.")
 @click.option("--system-prompt", default=None, help="Default system prompt stored in the artifact (raw=false prompts).")
 @click.option("--force", is_flag=True, help="Rebuild even when an identical artifact exists.")
 @click.option("--engine", type=click.Choice(["none", "trt"]), default="none", show_default=True,
               help="Also build a TensorRT engine (model.plan) for this machine's GPU; needs llmpack[gpu].")
-@click.option("--max-batch", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--max-batch", type=click.IntRange(min=1), default=ENGINE.max_batch, show_default=True,
               help="With --engine trt: the most sequences one decode step runs.")
-@click.option("--workspace-gb", type=click.FloatRange(min=0.25), default=8.0, show_default=True,
+@click.option("--workspace-gb", type=click.FloatRange(min=0.25), default=ENGINE.workspace_gb, show_default=True,
               help="With --engine trt: TensorRT's builder workspace limit.")
 @graph_options
 @translate_errors
 def build(model: str, out: Path, dtype: str, max_context: int, system_prompt: str | None, force: bool,
           engine: str, max_batch: int, workspace_gb: float, graph_options: dict) -> None:
     """Build an artifact (ONNX decoder with KV cache + tokenizer + manifest.json [+ TensorRT engine])."""
-    from llmpack.export.build import BuildOptions, build as run_build
+    from llmpack.export.build import BuildOptions
+    from llmpack.export.build import build as run_build
 
     options = BuildOptions(model=model, out=out, dtype=dtype, max_context=max_context, force=force,
                            progress=sys.stderr.isatty(), system_prompt=system_prompt, **graph_options)
@@ -50,7 +55,7 @@ def build(model: str, out: Path, dtype: str, max_context: int, system_prompt: st
     else:
         result = run_build(options)
     state = "up to date (reused; --force rebuilds)" if result.reused else "built"
-    click.echo(f"{result.path}: {state}, {result.manifest.dtype}, context {result.manifest.max_context}")
+    click.echo(f"{result.path}: {state}; {build_summary(result.manifest)}")
     if built_engine is not None:
         click.echo(built_engine.summary())
 

@@ -10,27 +10,26 @@ import functools
 
 import click
 
+from llmpack.cli.common import defaults_of
+from llmpack.export.options import BuildOptions
 from llmpack.export.quantize import BLOCK_SIZES, QUANT_BITS
-from llmpack.runtime.manifest import GRAPH_FLAVOURS, STANDARD_GRAPH
+from llmpack.runtime.manifest import AUTO_GRAPH, GRAPH_FLAVOURS
 
-# Defaults chosen by measurement (README "Performance on CPU" and "Quantization quality"): accuracy
-# level 4 (int8 activations) is the only fast MatMulNBits path on this CPU for either width (level 0
-# decodes int8 at 2 tok/s, int4 at 21 on bench-110m), and block 32 keeps int4 closest to fp32.
-DEFAULT_BLOCK_SIZE = 32
-DEFAULT_ACCURACY_LEVEL = 4
+DEFAULTS = defaults_of(BuildOptions)  # each default is defined once, on BuildOptions (the reasons are there)
 
 
 def graph_options(command):
-    @click.option("--graph", type=click.Choice(GRAPH_FLAVOURS), default=STANDARD_GRAPH, show_default=True,
-                  help="standard: plain ONNX ops (TensorRT parses them); ort-fused: ONNX Runtime's fused "
-                       "contrib ops with an in-place KV cache (fastest on the CPU).")
-    @click.option("--quant", type=click.Choice(list(QUANT_BITS)), default="none", show_default=True,
+    @click.option("--graph", type=click.Choice([AUTO_GRAPH, *GRAPH_FLAVOURS]), default=DEFAULTS.graph, show_default=True,
+                  help="auto: ort-fused, or standard with --engine trt or --dtype fp16. standard: plain ONNX ops "
+                       "(TensorRT parses them); ort-fused: ONNX Runtime's fused contrib ops with an in-place KV "
+                       "cache (fastest on the CPU).")
+    @click.option("--quant", type=click.Choice(list(QUANT_BITS)), default=DEFAULTS.quant, show_default=True,
                   help="Weight-only block-wise quantization of every Linear, head included (MatMulNBits).")
     @click.option("--block-size", type=click.Choice([str(size) for size in BLOCK_SIZES]),
-                  default=str(DEFAULT_BLOCK_SIZE), show_default=True, help="With --quant: weights per scale.")
-    @click.option("--accuracy-level", type=click.IntRange(0, 4), default=DEFAULT_ACCURACY_LEVEL, show_default=True,
+                  default=str(DEFAULTS.block_size), show_default=True, help="With --quant: weights per scale.")
+    @click.option("--accuracy-level", type=click.IntRange(0, 4), default=DEFAULTS.accuracy_level, show_default=True,
                   help="With --quant: MatMulNBits compute type for activations (0 as is, 4 int8).")
-    @click.option("--symmetric/--asymmetric", default=True, show_default=True,
+    @click.option("--symmetric/--asymmetric", default=DEFAULTS.symmetric, show_default=True,
                   help="With --quant: scales only, or scales and zero points per block.")
     @functools.wraps(command)
     def wrapper(*args, graph, quant, block_size, accuracy_level, symmetric, **kwargs):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmpack.runtime.fused_interface import has_mixed_graph
+from llmpack.runtime.backends.fused_interface import has_mixed_graph
 from llmpack.runtime.manifest import BuildManifest, TensorSpec
 
 
@@ -39,6 +39,12 @@ def _optional_sections(m: BuildManifest) -> list[str]:
                   for p in e.profiles]
         lines += [f"                {f.path:<34} {_size(f.size):>10}  sha256 {f.sha256[:16]}…" for f in e.files]
     return lines
+
+
+def build_summary(m: BuildManifest) -> str:
+    """One line for the end of `llm-export build`: which graph, weights and context were built."""
+    weights = f"{m.quant.method} weights (block {m.quant.block_size})" if m.quant else f"{m.dtype} weights"
+    return f"{m.graph_flavour} graph, {weights}, {m.dtype} activations, context {m.max_context}"
 
 
 def describe(m: BuildManifest) -> str:

@@ -9,10 +9,11 @@ from pathlib import Path
 import click
 
 from llmpack.cli.bench_cmd import bench
-from llmpack.cli.common import setup_logging, translate_errors
+from llmpack.cli.common import defaults_of, setup_logging, translate_errors
 from llmpack.runtime.artifact import BACKENDS
+from llmpack.runtime.engine import EngineOptions
 from llmpack.runtime.errors import InvalidRequest
-from llmpack.runtime.prefix_cache import DEFAULT_BUDGET_MB
+from llmpack.runtime.serve.settings import ConnectionLimits, ServerSettings
 
 
 def read_request(request: str | None, overrides: dict) -> dict:
@@ -29,7 +30,7 @@ def read_request(request: str | None, overrides: dict) -> dict:
                 raise InvalidRequest(f"cannot read request file {request[1:]}: {exc.strerror}") from exc
         else:
             text = request
-        from llmpack.runtime.protocol import decode_json
+        from llmpack.runtime.serve.protocol import decode_json
 
         body = decode_json(text, "REQUEST")  # the server's own strict decoding
     if not isinstance(body, dict):
@@ -37,6 +38,8 @@ def read_request(request: str | None, overrides: dict) -> dict:
     return {**body, **{k: v for k, v in overrides.items() if v is not None}}
 
 
+# Each default is defined once, on the options dataclasses; the click options show and use those.
+ENGINE, SERVER, CONNECTIONS = defaults_of(EngineOptions), defaults_of(ServerSettings), defaults_of(ConnectionLimits)
 ENGINE_KEY = "llmpack.engine-options"
 REQUEST_KEY = "llmpack.request-overrides"
 
@@ -53,12 +56,12 @@ def _remember(key: str):
 def engine_options(f):
     remember = dict(expose_value=False, callback=_remember(ENGINE_KEY))
     f = click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (default: all cores).", **remember)(f)
-    f = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, **remember,
+    f = click.option("--backend", type=click.Choice(BACKENDS), default=ENGINE.backend, show_default=True, **remember,
                      help="Inference backend; auto: TensorRT if the artifact has an engine this GPU can run, "
                           "else ONNX Runtime CUDA, else CPU.")(f)
     f = click.option("--system-prompt", default=None, help="System prompt for raw=false prompts ('' turns it off).", **remember)(f)
     f = click.option("--no-verify-checksums", is_flag=True, help="Skip hashing artifact files at load (sizes still checked).", **remember)(f)
-    f = click.option("--huge-pages/--no-huge-pages", default=True, show_default=True, **remember,
+    f = click.option("--huge-pages/--no-huge-pages", default=ENGINE.huge_pages, show_default=True, **remember,
                      help="CPU backends: move the loaded weights onto 2 MiB pages (fewer TLB misses per "
                           "decode step; ~1 s per GB at start-up).")(f)
     return f
@@ -70,12 +73,12 @@ def connection_options(f):
     f = click.option("--limit-concurrency", type=click.IntRange(min=1), default=None,
                      help="Most connections + requests at once; beyond it uvicorn answers a plain 503 "
                           "(default: no limit; the queue and the timeouts bound the work).")(f)
-    f = click.option("--head-timeout", type=seconds, default=10.0, show_default=True,
+    f = click.option("--head-timeout", type=seconds, default=CONNECTIONS.head_timeout_s, show_default=True,
                      help="Seconds a client has to send its request line and headers (from connecting or "
                           "from the previous response); then the connection is closed.")(f)
-    f = click.option("--keep-alive-timeout", type=seconds, default=5.0, show_default=True,
+    f = click.option("--keep-alive-timeout", type=seconds, default=CONNECTIONS.keep_alive_s, show_default=True,
                      help="Seconds an idle keep-alive connection stays open after a response.")(f)
-    f = click.option("--body-timeout", type=seconds, default=30.0, show_default=True,
+    f = click.option("--body-timeout", type=seconds, default=SERVER.body_timeout_s, show_default=True,
                      help="Seconds the whole request body may take to arrive; then 408.")(f)
     return f
 
@@ -93,21 +96,21 @@ def request_options(f):
 
 def cli_request(request: str | None):
     """REQUEST with the convenience flags applied, validated exactly as the server validates a body."""
-    from llmpack.runtime.protocol import parse_request
+    from llmpack.runtime.serve.protocol import parse_request
 
     overrides = click.get_current_context().meta.get(REQUEST_KEY, {})
     return parse_request(read_request(request, overrides))
 
 
 def load_engine(artifact: Path, max_batch: int = 1):
-    from llmpack.runtime.engine import Engine, EngineOptions
+    """The engine as the server runs it: the Workers AI spec's context and input limits, the chosen options."""
+    from llmpack.runtime.engine import Engine
+    from llmpack.runtime.serve.protocol import ENGINE_LIMITS
 
     chosen = click.get_current_context().meta.get(ENGINE_KEY, {})
-    options = EngineOptions(backend=chosen.get("backend", "auto"), threads=chosen.get("threads"),
-                            system_prompt=chosen.get("system_prompt"),
-                            verify_checksums=not chosen.get("no_verify_checksums", False), max_batch=max_batch,
-                            mixed_steps=chosen.get("mixed_steps", True), huge_pages=chosen.get("huge_pages", True),
-                            prefix_cache_mb=chosen.get("prefix_cache_mb", DEFAULT_BUDGET_MB))
+    given = {name: value for name, value in chosen.items() if name != "no_verify_checksums"}
+    options = EngineOptions(**given, verify_checksums=not chosen.get("no_verify_checksums", False),
+                            max_batch=max_batch, **ENGINE_LIMITS)
     return Engine.load(artifact, options)
 
 
@@ -129,11 +132,11 @@ def request_command(command):
 @request_command
 def infer(artifact, request):
     """Answer one REQUEST (JSON, @file or -) and print the response exactly as the server sends it."""
-    from llmpack.runtime.protocol import completion_json, sse_event, sse_usage_event, SSE_DONE
+    from llmpack.runtime.serve.protocol import SSE_DONE, completion_json, sse_event, sse_usage_event
 
     parsed = cli_request(request)
     engine = load_engine(artifact)
-    text_stream = engine.stream(parsed)
+    text_stream = engine.stream_request(parsed)
     out = sys.stdout.buffer
     if parsed.stream:
         for piece in text_stream:
@@ -149,7 +152,7 @@ def infer(artifact, request):
 @request_command
 def tokenize(artifact, request):
     """Print the exact ids the model would be fed for REQUEST: {"tokens": [...], "count": N}."""
-    ids = load_engine(artifact).prompt_ids(cli_request(request))
+    ids = load_engine(artifact).request_ids(cli_request(request))
     click.echo(json.dumps({"tokens": ids, "count": len(ids)}))
 
 
@@ -160,20 +163,20 @@ def tokenize(artifact, request):
 @click.option("--api-key", envvar="LLMPACK_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every route but /health and /ready "
                    "(prefer the env var LLMPACK_API_KEY: a flag shows in the process list).")
-@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+@click.option("--max-queue", type=click.IntRange(min=0), default=SERVER.max_queue, show_default=True,
               help="Requests that may wait while --max-batch generate; beyond that the server answers 429.")
-@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
+@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=SERVER.max_body_bytes, show_default=True,
               help="Larger request bodies get 413.")
 @click.option("--stream-padding", is_flag=True, help="Add Workers AI's random 'p' padding field to stream events.")
-@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=SERVER.shutdown_timeout_s, show_default=True,
               help="Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled.")
-@click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True,
+@click.option("--max-batch", type=click.IntRange(1, 256), default=ENGINE.max_batch, show_default=True,
               help="Requests decoded together in one batched step (continuous batching).")
-@click.option("--mixed-steps/--no-mixed-steps", default=True, show_default=True, expose_value=False,
+@click.option("--mixed-steps/--no-mixed-steps", default=ENGINE.mixed_steps, show_default=True, expose_value=False,
               callback=_remember(ENGINE_KEY),
               help="ort-fused artifacts: read a joining prompt inside the running decode step (one pass over the "
                    "weights); costs a second ONNX Runtime session, i.e. the weights held twice in memory.")
-@click.option("--prefix-cache-mb", type=click.IntRange(min=0), default=DEFAULT_BUDGET_MB, show_default=True,
+@click.option("--prefix-cache-mb", type=click.IntRange(min=0), default=ENGINE.prefix_cache_mb, show_default=True,
               expose_value=False, callback=_remember(ENGINE_KEY),
               help="Memory for KV copies of recent sequences: a prompt that begins like one of them (the template "
                    "and system prompt, a chat's earlier turns) skips computing that part. 0 turns it off.")
@@ -185,8 +188,8 @@ def run(artifact, host, port, api_key, max_queue, max_body_bytes, stream_padding
     """Serve ARTIFACT over HTTP: Workers AI and OpenAI-compatible routes, /health, /ready, /metrics."""
     import logging
 
-    from llmpack.runtime.server import ServerSettings, create_app
-    from llmpack.runtime.uvicorn_runner import ConnectionLimits, serve  # imports uvicorn; fastapi comes with server
+    from llmpack.runtime.serve.server import create_app
+    from llmpack.runtime.serve.uvicorn_runner import serve  # imports uvicorn; fastapi comes with server
 
     engine = load_engine(artifact, max_batch)
     settings = ServerSettings(api_key=api_key or None, max_queue=max_queue, max_body_bytes=max_body_bytes,

@@ -15,7 +15,6 @@ import glob
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -26,41 +25,25 @@ from pathlib import Path
 from llmpack.export.checkpoint import Checkpoint, open_checkpoint
 from llmpack.export.demo import demo_cache_dir, write_demo_checkpoint
 from llmpack.export.fused_graph import write_fused_graph
-from llmpack.export.mixed_graph import write_mixed_graph
 from llmpack.export.graph import OPSET, write_decoder_graph
-from llmpack.export.quantize import ACCURACY_LEVELS, BLOCK_SIZES, QUANT_BITS, QuantSpec
+from llmpack.export.mixed_graph import write_mixed_graph
+from llmpack.export.options import DTYPES, BuildOptions, resolve_graph
+from llmpack.export.quantize import ACCURACY_LEVELS, BLOCK_SIZES, QUANT_BITS
 from llmpack.runtime import __version__
-from llmpack.runtime import fused_interface as fused
 from llmpack.runtime import manifest as names
+from llmpack.runtime.backends import fused_interface as fused
 from llmpack.runtime.errors import ArtifactError, BuildError
-from llmpack.runtime.manifest import (BuildManifest, FileDigest, QuantInfo, SourceInfo, check_artifact_files,
-                                      digest_file, read_manifest)
+from llmpack.runtime.manifest import (
+    BuildManifest,
+    FileDigest,
+    QuantInfo,
+    SourceInfo,
+    check_artifact_files,
+    digest_file,
+    read_manifest,
+)
 
 log = logging.getLogger("llmpack.export")
-
-DTYPES = ("fp32", "fp16")
-DEFAULT_MAX_CONTEXT = 3072
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    model: str
-    out: Path
-    dtype: str = "fp32"
-    max_context: int = DEFAULT_MAX_CONTEXT
-    force: bool = False
-    progress: bool = False
-    system_prompt: str | None = None
-    graph: str = fused.STANDARD  # or fused.FLAVOUR: ONNX Runtime's fused contrib ops
-    quant: str = "none"  # "int8" | "int4": weight-only, block-wise, every Linear
-    block_size: int = 32
-    accuracy_level: int = 4
-    symmetric: bool = True
-
-    @property
-    def quant_spec(self) -> QuantSpec:
-        return QuantSpec(QUANT_BITS[self.quant], self.block_size, self.accuracy_level, self.symmetric)
-
 
 @dataclass(frozen=True)
 class BuildResult:
@@ -141,10 +124,7 @@ def build_lock(out: Path):
 
 
 def _check_disk(checkpoint: Checkpoint, folder: Path, dtype: str) -> None:
-    c = checkpoint.config
-    per_layer = 4 * c.hidden_size * c.num_heads * c.head_dim + 3 * c.hidden_size * c.intermediate_size
-    params = c.num_layers * per_layer + 2 * c.vocab_size * c.hidden_size
-    needed = params * (2 if dtype == "fp16" else 4) * 1.05
+    needed = checkpoint.config.parameters * (2 if dtype == "fp16" else 4) * 1.05
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise BuildError(
@@ -222,6 +202,7 @@ def _check_graph_options(options: BuildOptions) -> None:
 
 
 def build(options: BuildOptions) -> BuildResult:
+    options = resolve_graph(options)
     if options.dtype not in DTYPES:
         raise BuildError(f"--dtype {options.dtype} is not supported; choose one of {', '.join(DTYPES)}")
     _check_graph_options(options)

@@ -21,8 +21,8 @@ from llmpack.export.checkpoint import Checkpoint, WeightReader
 from llmpack.export.graph import stream_graph
 from llmpack.export.onnx_writer import GraphWriter
 from llmpack.export.quantize import CONTRIB_DOMAIN, QuantSpec, write_linear
-from llmpack.runtime import fused_interface as fused
 from llmpack.runtime import manifest as names
+from llmpack.runtime.backends import fused_interface as fused
 from llmpack.runtime.manifest import ModelConfig, TensorSpec
 
 F32 = "float32"

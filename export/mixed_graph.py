@@ -18,8 +18,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from llmpack.export.fused_graph import LAST_HIDDEN, LAST_RESIDUAL
-from llmpack.runtime import fused_interface as fused
 from llmpack.runtime import manifest as names
+from llmpack.runtime.backends import fused_interface as fused
 
 GQA = "GroupQueryAttention"
 

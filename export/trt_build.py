@@ -2,7 +2,8 @@
 
 Runs after stage 3 has put the ONNX artifact in place, on the GPU the engine is for (plans are not
 portable). Decisions, each for a reason:
-- Two optimization profiles rather than one: prefill (batch 1, seq 1…2500) and decode (batch 1…B,
+- Two optimization profiles rather than one: prefill (batch 1, seq 1…512: the runtime reads prompts in
+  chunks of at most MAX_PREFILL_CHUNK, tuned at its 128-token chunk) and decode (batch 1…B,
   seq 1), so each is tuned at its own opt shape; the backend prefills one slot per call, so prefill
   needs no batch. Both let past run 0…context-1 (a chunked prompt continues after a cached part). At
   each of min/opt/max the attention mask is exactly past+seq: TensorRT checks the graph's shape
@@ -26,26 +27,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmpack.export.build import BuildOptions, BuildResult, build, build_lock
+from llmpack.export.build import BuildResult, build, build_lock
+from llmpack.export.options import BuildOptions, EngineBuildOptions, resolve_graph
 from llmpack.runtime import __version__
 from llmpack.runtime import manifest as names
-from llmpack.runtime.cuda_device import GPU_EXTRA, GpuInfo, probe_gpu
+from llmpack.runtime.backends.cuda_device import GPU_EXTRA, GpuInfo, probe_gpu, tensorrt_version
 from llmpack.runtime.errors import BuildError
 from llmpack.runtime.manifest import BuildManifest, EngineInfo, EngineProfile, ModelConfig, digest_file, read_manifest
-from llmpack.runtime.protocol import INPUT_LIMIT
-from llmpack.runtime.trt_backend import graph_problem, tensorrt_version
 
 log = logging.getLogger("llmpack.export")
 
-PREFILL_OPT_SEQ = 512  # a typical chat prompt: TensorRT picks its prefill kernels for this length
+PREFILL_OPT_SEQ = names.DEFAULT_PREFILL_CHUNK  # the runtime's prompt chunk: TensorRT picks its prefill kernels for it
 Range = tuple[int, int, int]  # min, opt, max
-
-
-@dataclass(frozen=True)
-class EngineBuildOptions:
-    max_batch: int = 4
-    workspace_gb: float = 8.0
-    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +57,17 @@ class EngineResult:
 # --- pure: prerequisites, profiles, keys, messages ---------------------------------------------
 
 
+def graph_problem(graph_flavour: str, quantized: bool) -> str | None:
+    """TensorRT's ONNX parser takes plain ONNX ops only: not ONNX Runtime's contrib ops."""
+    if graph_flavour != names.STANDARD_GRAPH:
+        return (f"TensorRT cannot parse the {graph_flavour!r} graph (ONNX Runtime contrib ops); "
+                "build the standard graph for --engine trt")
+    if quantized:
+        return ("TensorRT cannot parse the --quant graph (MatMulNBits, an ONNX Runtime contrib op); "
+                "build it without --quant")
+    return None
+
+
 def missing_prerequisites(tensorrt: str | None, gpu: GpuInfo | str) -> str | None:
     """One line naming what is missing for an engine build, and how to get it."""
     missing = ([f"TensorRT is not installed ({GPU_EXTRA})"] if tensorrt is None else []) + \
@@ -75,7 +79,7 @@ def missing_prerequisites(tensorrt: str | None, gpu: GpuInfo | str) -> str | Non
 
 def optimization_profiles(config: ModelConfig, max_context: int, max_batch: int) -> tuple[EngineProfile, EngineProfile]:
     last = max_context - 1  # the most tokens cached before a step that still adds one
-    prefill_max = min(INPUT_LIMIT, max_context)
+    prefill_max = min(names.MAX_PREFILL_CHUNK, max_context)  # the runtime never sends a longer chunk
     prefill = EngineProfile("prefill", (1, 1, 1), (1, min(PREFILL_OPT_SEQ, prefill_max), prefill_max), (0, 0, last))
     decode = EngineProfile("decode", (1, max_batch, max_batch), (1, 1, 1), (0, max_context // 2, last))
     return prefill, decode
@@ -223,6 +227,7 @@ def build_engine(artifact: Path, options: EngineBuildOptions, tensorrt: str, gpu
 
 def build_with_engine(options: BuildOptions, engine_options: EngineBuildOptions) -> tuple[BuildResult, EngineResult]:
     """Stage 3 then the engine; refuses before the (long) ONNX export when TensorRT or the GPU is missing."""
+    options = resolve_graph(options, for_tensorrt=True)
     problem = graph_problem(options.graph, options.quant != "none")
     if problem:
         raise BuildError(problem)

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmpack.runtime import manifest as names
-from llmpack.runtime.cuda_device import GPU_EXTRA, GpuInfo, probe_gpu
+from llmpack.runtime.backends.cuda_device import GPU_EXTRA, GpuInfo, probe_gpu, tensorrt_version
+from llmpack.runtime.backends.huge_pages import back_with_huge_pages, mapped_ranges
+from llmpack.runtime.backends.trt import engine_problem
 from llmpack.runtime.errors import ArtifactError
-from llmpack.runtime.huge_pages import back_with_huge_pages, mapped_ranges
 from llmpack.runtime.manifest import BuildManifest, check_artifact_files, read_manifest
-from llmpack.runtime.trt_backend import engine_problem, tensorrt_version
 
 log = logging.getLogger("llmpack.runtime")
 
@@ -98,25 +98,25 @@ def open_backend(artifact: Artifact, backend: str = "auto", threads: int | None 
                  probes: Probes = Probes(), mixed_steps: bool = True, huge_pages: bool = True):
     """The backend that will run this artifact; the decode loop sees only the Backend interface.
 
-    `huge_pages`: CPU backends move their loaded weights onto 2 MiB pages (runtime/huge_pages.py).
+    `huge_pages`: CPU backends move their loaded weights onto 2 MiB pages (runtime/backends/huge_pages.py).
     """
     chosen, why = select_backend(backend, artifact, probes)
     before = mapped_ranges() if huge_pages and chosen == "cpu" else None
     if chosen == "tensorrt":
-        from llmpack.runtime.trt_backend import TrtBackend
+        from llmpack.runtime.backends.trt import TrtBackend
 
         instance = TrtBackend(artifact.path, artifact.manifest, max_batch=max_batch)
     elif chosen == "cuda":
-        from llmpack.runtime.ort_cuda_backend import OrtCudaBackend
+        from llmpack.runtime.backends.ort_cuda import OrtCudaBackend
 
         instance = OrtCudaBackend(artifact.path, artifact.manifest, max_batch=max_batch)
     elif artifact.manifest.graph_flavour == names.FUSED_GRAPH:  # contrib ops + in-place KV cache
-        from llmpack.runtime.ort_fused_backend import OrtFusedBackend
+        from llmpack.runtime.backends.ort_fused import OrtFusedBackend
 
         instance = OrtFusedBackend(artifact.path, artifact.manifest, threads=threads, max_batch=max_batch,
                                    mixed_steps=mixed_steps)
     else:
-        from llmpack.runtime.ort_backend import OrtBackend
+        from llmpack.runtime.backends.ort_cpu import OrtBackend
 
         instance = OrtBackend(artifact.path, artifact.manifest, threads=threads, max_batch=max_batch)
     if before is not None:

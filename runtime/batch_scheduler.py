@@ -1,4 +1,4 @@
-"""Generation stage 3 driver: continuous batching — one decode step serves every active sequence.
+"""Engine core: continuous batching — one decode step serves every active sequence.
 
 A single thread owns the backend. Each iteration it admits waiting sequences into free slots (first
 come, first served), runs ONE prefill chunk of the oldest sequence still reading its prompt (so a
@@ -18,15 +18,15 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from llmpack.runtime.backend import Backend
+from llmpack.runtime.backends.interface import Backend, kv_copies_of, mixed_steps_of
 from llmpack.runtime.errors import BackendError, LlmpackError
-from llmpack.runtime.generate import FINISH_CANCELLED, FINISH_ERROR, SequenceState, TokenStream
+from llmpack.runtime.generate import FINISH_CANCELLED, FINISH_ERROR, SequenceState, TokenSink
+from llmpack.runtime.manifest import DEFAULT_PREFILL_CHUNK
 from llmpack.runtime.prefix_cache import PrefixCache
 from llmpack.runtime.sampling import SamplingParams
 
 log = logging.getLogger("llmpack.runtime")
 
-DEFAULT_PREFILL_CHUNK = 128
 MIN_BUSY_CHUNK = 16  # below this the fixed cost of a pass over the weights dominates a chunk
 MIN_MIXED_CHUNK = 4  # within a decode step a chunk pays no pass of its own: small ones cost little
 MIN_TOKEN_SECONDS = 1e-4  # a floor for a mixed step's per-token estimate, which timing noise can drive to 0
@@ -95,11 +95,15 @@ class PrefillPacer:
 
 class BatchScheduler:
     def __init__(self, backend: Backend, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, context_limit: int | None = None):
         self.backend = backend
-        self.mixing = bool(getattr(backend, "can_mix", False))
-        # Only a backend that can copy a slot's cache in and out takes part (Backend: export_kv).
-        self.prefix_cache = prefix_cache if callable(getattr(backend, "export_kv", None)) else None
+        # A sequence's prompt + answer never pass this (the backend's capacity, or less when asked)
+        self.context_limit = min(context_limit or backend.context_length, backend.context_length)
+        self.mixed = mixed_steps_of(backend)
+        self.mixing = self.mixed is not None
+        # Only a backend that can copy a slot's cache in and out takes part.
+        self.copies = kv_copies_of(backend)
+        self.prefix_cache = prefix_cache if self.copies is not None else None
         self.pacer = PrefillPacer(prefill_chunk, mixed=self.mixing)
         self._waiting: deque[SequenceState] = deque()
         self._active: list[SequenceState] = []
@@ -116,11 +120,10 @@ class BatchScheduler:
     def active(self) -> int:
         return len(self._active)
 
-    def submit(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams,
-               stop_ids: Sequence[int]) -> TokenStream:
-        stream = TokenStream(prompt_ids)
-        state = SequenceState(stream, max_tokens, sampling, stop_ids, self.backend.vocab_size,
-                              self.backend.context_length)
+    def submit(self, sink: TokenSink, max_tokens: int, sampling: SamplingParams, stop_ids: Sequence[int]) -> None:
+        """Queue the sequence of `sink.prompt_ids`; its tokens go to `sink` from the batch thread."""
+        state = SequenceState(sink, max_tokens, sampling, stop_ids, self.backend.vocab_size, self.context_limit)
+        sink.on_cancel = self._wake
         with self._cond:
             if self._stopping:
                 raise BackendError("the engine is shutting down; retry on another instance")
@@ -129,7 +132,6 @@ class BatchScheduler:
                 self._thread = threading.Thread(target=self._loop, name="llmpack-batch", daemon=True)
                 self._thread.start()
             self._cond.notify()
-        return stream
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the loop; sequences still waiting or running end as cancelled."""
@@ -141,6 +143,11 @@ class BatchScheduler:
         for state in [*self._waiting, *self._active]:
             state.finish(FINISH_CANCELLED)
 
+    def _wake(self) -> None:
+        """A sequence was cancelled: a waiting one leaves the queue at the next iteration, not when a slot frees."""
+        with self._cond:
+            self._cond.notify()
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -148,15 +155,22 @@ class BatchScheduler:
                     self._cond.wait()
                 if self._stopping:
                     return
+                self._drop_cancelled_waiting()
                 self._admit()
             self._release_finished()
             self._step()
             self._release_finished()
 
+    def _drop_cancelled_waiting(self) -> None:
+        if any(state.sink.cancelled.is_set() for state in self._waiting):
+            for state in [s for s in self._waiting if s.sink.cancelled.is_set()]:
+                self._waiting.remove(state)
+                state.finish(FINISH_CANCELLED)
+
     def _admit(self) -> None:
         while self._waiting and self._free_slots:
             state = self._waiting.popleft()
-            if state.stream.cancelled.is_set():
+            if state.sink.cancelled.is_set():
                 state.finish(FINISH_CANCELLED)
                 continue
             state.slot = self._free_slots.pop(0)
@@ -165,7 +179,7 @@ class BatchScheduler:
 
     def _release_finished(self) -> None:
         for state in list(self._active):
-            if state.stream.cancelled.is_set():
+            if state.sink.cancelled.is_set():
                 state.finish(FINISH_CANCELLED)
             if state.done:
                 if state.finish_reason != FINISH_ERROR:  # the prompt and the answer, for the next turn of a chat
@@ -215,7 +229,7 @@ class BatchScheduler:
         chunk = self._next_chunk(reading, decoding=len(ready))
         started = time.perf_counter()
         try:
-            logits, chunk_logits = self.backend.decode_and_prefill(
+            logits, chunk_logits = self.mixed.decode_and_prefill(
                 [s.slot for s in ready], [s.pending for s in ready], reading.slot, chunk)
         except Exception as exc:  # noqa: BLE001 - any backend failure ends the sequences of this step
             return self._fail([*ready, reading], exc)
@@ -237,7 +251,7 @@ class BatchScheduler:
             return
         kept, length = found
         try:
-            self.backend.import_kv(state.slot, kept.kv, length)
+            self.copies.import_kv(state.slot, kept.kv, length)
         except Exception as exc:  # noqa: BLE001 - a failed copy only means reading the prompt in full
             log.warning("prefix cache: reusing %d tokens failed (%s); reading the prompt in full", length, exc)
             self.backend.reset(state.slot)
@@ -249,11 +263,11 @@ class BatchScheduler:
         if self.prefix_cache is None or length == 0:
             return
         ids = [*state.prompt_ids, *state.output_ids][:length]
-        nbytes = self.backend.kv_bytes(length)
+        nbytes = self.copies.kv_bytes(length)
         if not self.prefix_cache.worth_keeping(ids, nbytes):
             return
         try:
-            kv = self.backend.export_kv(state.slot, length)
+            kv = self.copies.export_kv(state.slot, length)
         except Exception as exc:  # noqa: BLE001 - not keeping a copy never changes an answer
             log.warning("prefix cache: copying %d tokens failed (%s)", length, exc)
             return
@@ -261,6 +275,8 @@ class BatchScheduler:
 
     def _fail(self, states: list[SequenceState], exc: Exception) -> None:
         log.error("generation failed for %d sequence(s): %s", len(states), exc, exc_info=exc)
-        error = exc if isinstance(exc, LlmpackError) else BackendError(f"the inference backend failed: {exc}")
+        # The exception's own words stay in the log: they may name internals a client should not see.
+        error = exc if isinstance(exc, LlmpackError) else BackendError(
+            "the generation failed inside the engine; the server log has the details")
         for state in states:
             state.finish(FINISH_ERROR, error)

@@ -1,7 +1,9 @@
-"""Generation stage 4: the engine — request in, text stream out; what the CLI and the server share.
+"""Engine core: the engine — prompt ids in, token or text stream out; what the CLI and the server share.
 
-It owns the artifact, tokenizer, backend and batch scheduler, turns a validated request into prompt
-ids (template + limits) and hands them to the scheduler, which decodes all requests in flight together.
+It owns the artifact, tokenizer, backend and batch scheduler. `request_ids` turns a validated request
+into prompt ids (template + the input limit) once; `submit` / `stream` hand ids to the scheduler,
+which decodes all requests in flight together. The engine knows no wire format: the limits it
+enforces come in through EngineOptions (the serve wing fills them from the Workers AI spec).
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmpack.runtime.artifact import Artifact, open_artifact, open_backend
-from llmpack.runtime.batch_scheduler import DEFAULT_PREFILL_CHUNK, BatchScheduler
+from llmpack.runtime.backends.interface import Backend
+from llmpack.runtime.batch_scheduler import BatchScheduler
 from llmpack.runtime.errors import InputTooLong
-from llmpack.runtime.generate import Completion, TextStream, TokenStream, complete
+from llmpack.runtime.generate import Completion, TextStream, TokenSink, TokenStream, complete
+from llmpack.runtime.manifest import DEFAULT_PREFILL_CHUNK
 from llmpack.runtime.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
-from llmpack.runtime.protocol import CONTEXT_LIMIT, INPUT_LIMIT, GenerationRequest
+from llmpack.runtime.request import GenerationRequest
 from llmpack.runtime.sampling import SamplingParams
-from llmpack.runtime.template import DEFAULT_SYSTEM_PROMPT, chat_ids, prompt_ids
+from llmpack.runtime.template import DEFAULT_SYSTEM_PROMPT, checked_chat_ids, prompt_ids
 from llmpack.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger("llmpack.runtime")
@@ -38,26 +42,30 @@ class EngineOptions:
     # KV copies of recent sequences, so a prompt that begins like one of them (the template and system
     # prompt, a chat's earlier turns) skips that part; 0 turns it off
     prefix_cache_mb: int = DEFAULT_BUDGET_MB
-    # CPU backends: the loaded weights moved onto 2 MiB pages (runtime/huge_pages.py)
+    # CPU backends: the loaded weights moved onto 2 MiB pages (runtime/backends/huge_pages.py)
     huge_pages: bool = True
+    # Tokens a request may hold (prompt + answer) and its prompt alone; None: what the backend holds
+    # (and one less for the prompt). The serve wing passes the Workers AI spec's 3072 / 2500.
+    context_limit: int | None = None
+    input_limit: int | None = None
 
 
 class Engine:
-    def __init__(self, artifact: Artifact, backend, tokenizer: Tokenizer, system_prompt: str | None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_mb: int = 0):
+    def __init__(self, artifact: Artifact, backend: Backend, tokenizer: Tokenizer, system_prompt: str | None,
+                 options: EngineOptions = EngineOptions()):
         self.artifact = artifact
         self.backend = backend
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt or None
-        manifest = artifact.manifest
-        self.context_limit = min(CONTEXT_LIMIT, backend.context_length)
-        self.input_limit = min(INPUT_LIMIT, self.context_limit - 1)
-        self.stop_ids = manifest.stop_token_ids
+        self.context_limit = min(options.context_limit or backend.context_length, backend.context_length)
+        self.input_limit = min(options.input_limit or self.context_limit, self.context_limit - 1)
+        self.stop_ids = artifact.manifest.stop_token_ids
+        prefix_cache_mb = options.prefix_cache_mb
         cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
-        self.scheduler = BatchScheduler(backend, prefill_chunk, cache)
+        self.scheduler = BatchScheduler(backend, options.prefill_chunk, cache, self.context_limit)
         if self.prefix_cache is not None:  # in tokens, what the megabytes mean for this model
             log.info("prefix cache: %d MiB, room for %d tokens of this model's KV cache", prefix_cache_mb,
-                     (prefix_cache_mb << 20) // backend.kv_bytes(1))
+                     (prefix_cache_mb << 20) // self.scheduler.copies.kv_bytes(1))
         elif cache is not None:
             log.info("prefix cache off: the %s backend cannot copy its KV cache", backend.name)
 
@@ -71,7 +79,7 @@ class Engine:
         if system is None:
             stored = artifact.manifest.default_system_prompt
             system = DEFAULT_SYSTEM_PROMPT if stored is None else stored
-        return cls(artifact, backend, tokenizer, system, options.prefill_chunk, options.prefix_cache_mb)
+        return cls(artifact, backend, tokenizer, system, options)
 
     @property
     def max_batch(self) -> int:
@@ -87,12 +95,16 @@ class Engine:
     def model_name(self) -> str:
         return self.artifact.manifest.name
 
-    def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """The exact ids the model is fed for this request; refuses prompts over the input limit."""
+    def request_ids(self, request: GenerationRequest) -> list[int]:
+        """The exact ids the model is fed for this request; refuses prompts over the input limit.
+
+        Computed once per request, where it is read; the ids then travel with it to `submit`.
+        """
+        # A GenerationRequest was checked when it was parsed (roles, turn tags): not checked again here.
         if request.messages is not None:
-            ids = chat_ids(self.tokenizer, request.messages)
+            ids = checked_chat_ids(self.tokenizer, request.messages)
         else:
-            ids = prompt_ids(self.tokenizer, request.prompt, request.raw, self.system_prompt)
+            ids = prompt_ids(self.tokenizer, request.prompt, request.raw, self.system_prompt, checked=True)
         if len(ids) > self.input_limit:
             raise InputTooLong(
                 f"prompt is {len(ids)} tokens, the limit is {self.input_limit}; "
@@ -100,19 +112,26 @@ class Engine:
             )
         return ids
 
+    def submit(self, sink: TokenSink, max_tokens: int, sampling: SamplingParams, stop_ids=None) -> None:
+        """Queue the sequence of `sink.prompt_ids`; the batch thread hands each new token to `sink`."""
+        self.scheduler.submit(sink, max_tokens, sampling, self.stop_ids if stop_ids is None else stop_ids)
+
     def generate_ids(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
                      stop_ids=None) -> TokenStream:
-        """Queue a sequence for the batch scheduler; iterate the result for its token ids."""
-        stops = self.stop_ids if stop_ids is None else stop_ids
-        return self.scheduler.submit(prompt_ids, max_tokens, sampling, stops)
+        """A blocking iterator of the generated ids; it runs batched with every other sequence in flight."""
+        tokens = TokenStream(prompt_ids)
+        self.submit(tokens, max_tokens, sampling, stop_ids)
+        return tokens
 
-    def stream(self, request: GenerationRequest) -> TextStream:
-        """The response as a text stream; it runs batched with every other request in flight."""
-        ids = self.prompt_ids(request)
-        return TextStream(self.generate_ids(ids, request.max_tokens, request.sampling), self.tokenizer)
+    def stream(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams) -> TextStream:
+        """The answer to these prompt ids as a text stream (UTF-8 safe pieces)."""
+        return TextStream(self.generate_ids(prompt_ids, max_tokens, sampling), self.tokenizer)
+
+    def stream_request(self, request: GenerationRequest) -> TextStream:
+        return self.stream(self.request_ids(request), request.max_tokens, request.sampling)
 
     def complete(self, request: GenerationRequest) -> Completion:
-        return complete(self.stream(request))
+        return complete(self.stream_request(request))
 
     def close(self) -> None:
         self.scheduler.close()

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from llmpack.runtime.detokenizer import StreamingDetokenizer
-from llmpack.runtime.protocol import Usage
+from llmpack.runtime.request import Usage
 from llmpack.runtime.sampling import SamplingParams, TokenHistory, make_rng, sample_token
 from llmpack.runtime.tokenizer import Tokenizer
 
@@ -32,21 +32,47 @@ class _End:
     error: BaseException | None = None
 
 
-class TokenStream:
-    """The consumer's side of one sequence: iterates generated ids (stop ids excluded) as they come.
+class TokenSink:
+    """One sequence's output as the batch thread delivers it: `put` each token, then one `end`.
+
+    Both run on the batch thread, so an implementation only hands the token over and never blocks: a
+    token crosses exactly one hand-off to whoever reads it (TokenStream below for a plain iterator,
+    the serve wing's loop sink for an asyncio request). `cancel` may come from any thread; the batch
+    scheduler then frees the sequence's slot at its next step.
+    """
+
+    def __init__(self, prompt_ids: Sequence[int]):
+        self.prompt_ids = list(prompt_ids)
+        self.cancelled = threading.Event()
+        self.on_cancel: Callable[[], None] | None = None  # set by the scheduler: wakes its loop
+
+    def put(self, token: int) -> None:
+        raise NotImplementedError
+
+    def end(self, reason: str, error: BaseException | None = None) -> None:
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            if self.on_cancel is not None:
+                self.on_cancel()
+
+
+class TokenStream(TokenSink):
+    """The blocking consumer (CLI, benchmarks): iterates generated ids (stop ids excluded) as they come.
 
     Stopping the iteration early (a closed stream, a disconnected client) cancels the sequence, so
     the scheduler frees its slot at the next step.
     """
 
     def __init__(self, prompt_ids: Sequence[int]):
-        self.prompt_ids = list(prompt_ids)
+        super().__init__(prompt_ids)
         self.finish_reason: str | None = None
         self.generated = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.cancelled = threading.Event()
 
-    # producer side (the scheduler thread)
+    # producer side (the batch thread)
     def put(self, token: int) -> None:
         self._queue.put(token)
 
@@ -54,9 +80,6 @@ class TokenStream:
         self._queue.put(_End(reason, error))
 
     # consumer side
-    def cancel(self) -> None:
-        self.cancelled.set()
-
     def __iter__(self) -> Iterator[int]:
         try:
             while True:
@@ -77,10 +100,10 @@ class TokenStream:
 class SequenceState:
     """One sequence's decisions: sample from its logits with its own seed, stop, or run out of budget."""
 
-    def __init__(self, stream: TokenStream, max_tokens: int, sampling: SamplingParams,
+    def __init__(self, sink: TokenSink, max_tokens: int, sampling: SamplingParams,
                  stop_ids: Sequence[int], vocab_size: int, context_length: int):
-        self.stream = stream
-        self.prompt_ids = stream.prompt_ids
+        self.sink = sink
+        self.prompt_ids = sink.prompt_ids
         # Never past the context: the budget is whichever runs out first.
         self.budget = min(max_tokens, context_length - len(self.prompt_ids))
         self.sampling = sampling
@@ -106,7 +129,7 @@ class SequenceState:
         self.generated += 1
         self.output_ids.append(token)
         self.history.add(token)
-        self.stream.put(token)
+        self.sink.put(token)
         if self.generated >= self.budget:
             return self.finish(FINISH_LENGTH)  # no decode step for a token nobody will sample after
         self.pending = token
@@ -114,7 +137,7 @@ class SequenceState:
     def finish(self, reason: str, error: BaseException | None = None) -> None:
         if not self.done:
             self.done, self.pending, self.finish_reason = True, None, reason
-            self.stream.end(reason, error)
+            self.sink.end(reason, error)
 
 
 class TextStream:

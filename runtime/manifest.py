@@ -18,6 +18,13 @@ MANIFEST_VERSION = 1
 STANDARD_GRAPH = "standard"  # plain ONNX ops: TensorRT parses them
 FUSED_GRAPH = "ort-fused"  # ONNX Runtime contrib ops, in-place KV cache (fused_interface.py)
 GRAPH_FLAVOURS = (STANDARD_GRAPH, FUSED_GRAPH)
+AUTO_GRAPH = "auto"  # a build option, never in a manifest: export.build.resolve_graph picks the flavour
+
+# The runtime reads a prompt in chunks of at most DEFAULT_PREFILL_CHUNK tokens (EngineOptions.prefill_chunk);
+# a TensorRT engine's prefill profile accepts up to MAX_PREFILL_CHUNK new tokens per step, so any chunk size
+# up to that runs on it without a profile that covers a whole 2500-token prompt over a full cache.
+DEFAULT_PREFILL_CHUNK = 128
+MAX_PREFILL_CHUNK = 512
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -69,6 +76,18 @@ class ModelConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
+
+    @property
+    def linear_parameters(self) -> int:
+        """Weights of every Linear, the head included: what one decode step reads (the one count used everywhere)."""
+        attention = self.hidden_size * (2 * self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        per_layer = attention + 3 * self.hidden_size * self.intermediate_size
+        return self.num_layers * per_layer + self.vocab_size * self.hidden_size
+
+    @property
+    def parameters(self) -> int:
+        """All weights as the artifact stores them: the Linears plus the embedding table (norms are negligible)."""
+        return self.linear_parameters + self.vocab_size * self.hidden_size
 
 
 @dataclass(frozen=True)

@@ -96,17 +96,26 @@ def _check_role(messages: tuple[Message, ...], i: int, offset: int) -> None:
 
 def chat_ids(tokenizer: Tokenizer, messages: Sequence[Message | Mapping]) -> list[int]:
     """Prompt ids for a `messages` request; no default system prompt is added."""
-    checked = check_messages(messages)
+    return checked_chat_ids(tokenizer, check_messages(messages))
+
+
+def checked_chat_ids(tokenizer: Tokenizer, checked: tuple[Message, ...]) -> list[int]:
+    """chat_ids for messages check_messages already passed (a parsed request's): checked once, not twice."""
     system = checked[0].content if checked[0].role == "system" else None
     turns = [m.content for m in checked[1 if system is not None else 0 :]]
     return _dialog_ids(tokenizer, system, turns)
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str, raw: bool, system_prompt: str | None) -> list[int]:
-    """Prompt ids for a `prompt` request: raw text after BOS, or one user turn in the template."""
+def prompt_ids(tokenizer: Tokenizer, prompt: str, raw: bool, system_prompt: str | None,
+               checked: bool = False) -> list[int]:
+    """Prompt ids for a `prompt` request: raw text after BOS, or one user turn in the template.
+
+    `checked`: the prompt already passed check_no_tags (a parsed request's).
+    """
     if raw:
         return [tokenizer.bos_id, *tokenizer.encode(prompt)]
-    check_no_tags(prompt, "prompt")
+    if not checked:
+        check_no_tags(prompt, "prompt")
     return _dialog_ids(tokenizer, system_prompt, [prompt])
 
 

@@ -97,7 +97,7 @@ def demo_artifact(tmp_path_factory) -> Path:
     from llmpack.export.build import BuildOptions, build
 
     out = tmp_path_factory.mktemp("artifacts") / "demo"
-    return build(BuildOptions(model="demo", out=out)).path
+    return build(BuildOptions(model="demo", out=out, graph="standard")).path
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +105,7 @@ def stories_artifact(tmp_path_factory, stories_dir) -> Path:
     from llmpack.export.build import BuildOptions, build
 
     out = tmp_path_factory.mktemp("artifacts") / "stories260k"
-    return build(BuildOptions(model=str(stories_dir), out=out)).path
+    return build(BuildOptions(model=str(stories_dir), out=out, graph="standard")).path
 
 
 # --- ort-fused artifacts (tests/test_fused_backend.py, tests/test_mixed_step.py) -------------------------

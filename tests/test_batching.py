@@ -11,8 +11,8 @@ import pytest
 
 from llmpack.runtime.batch_scheduler import PrefillPacer
 from llmpack.runtime.engine import Engine, EngineOptions
-from llmpack.runtime.protocol import parse_request
 from llmpack.runtime.sampling import SamplingParams
+from llmpack.runtime.serve.protocol import parse_request
 
 STORY_PROMPTS = ["Once upon a time", "Tom had a red ball.", "The sun was hot and", "Lily said \"Olé!\" to",
                  "One day, a big dog", "Sam and Mia", "The bird", "A little girl named Sue went to the park and"]
@@ -31,7 +31,7 @@ def _requests(prompts, raw: bool):
 def _answer(engine: Engine, body: dict) -> str:
     request = parse_request(body)
     if request.stream:
-        return "".join(piece for piece in engine.stream(request))
+        return "".join(piece for piece in engine.stream_request(request))
     return engine.complete(request).text
 
 
@@ -218,14 +218,18 @@ class TimedFakeBackend:
 
 def test_a_prompt_joining_running_decodes_is_read_in_chunks_of_about_one_decode_step():
     from llmpack.runtime.batch_scheduler import BatchScheduler
+    from llmpack.runtime.generate import TokenStream
 
     backend = TimedFakeBackend()
     scheduler = BatchScheduler(backend, prefill_chunk=128)
     greedy = SamplingParams(temperature=0)
-    running = iter(scheduler.submit([1] + [3] * 149, 300, greedy, stop_ids=()))
+    running_tokens = TokenStream([1] + [3] * 149)
+    scheduler.submit(running_tokens, 300, greedy, stop_ids=())
+    running = iter(running_tokens)
     for _ in range(5):
         next(running)  # decoding, with its step time measured
-    joining = scheduler.submit([1] + [4] * 299, 1, greedy, stop_ids=())
+    joining = TokenStream([1] + [4] * 299)
+    scheduler.submit(joining, 1, greedy, stop_ids=())
     assert list(joining) == [5]
     alone, *joined = backend.chunks
     assert alone == (128, False)  # nobody decoding: a whole chunk

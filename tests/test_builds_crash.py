@@ -104,10 +104,17 @@ def test_a_second_build_into_the_same_path_fails_fast_and_leaves_the_first_intac
 
     out = tmp_path / "demo"
     first = start_build(out, "--force")
-    assert wait_for(lambda: bool(leftovers(out)), first), first.communicate()  # it holds the lock now
-    started = time.monotonic()
-    second = start_build(out, "--force")
-    _, second_err = second.communicate(timeout=60)
+    assert wait_for(lambda: bool(leftovers(out)), first), first.communicate()
+    # Paused while it writes its staging folder, i.e. while it holds the lock (the folder exists only under
+    # it): the second build meets the lock however fast this machine finishes a demo build.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert leftovers(out), "the first build finished before it could be paused"
+        started = time.monotonic()
+        second = start_build(out, "--force")
+        _, second_err = second.communicate(timeout=60)
+    finally:
+        first.send_signal(signal.SIGCONT)
     _, first_err = first.communicate(timeout=120)
     assert first.returncode == 0, first_err
     assert second.returncode == 3 and time.monotonic() - started < 10

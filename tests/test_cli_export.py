@@ -12,7 +12,8 @@ def test_build_verify_inspect_demo(tmp_path):
     out = tmp_path / "demo"
     first = runner.invoke(main, ["build", "--model", "demo", "--out", str(out), "--dtype", "fp16"])
     assert first.exit_code == 0, first.output
-    assert "built, fp16, context 3072" in first.output
+    # fp16 is the GPU route: --graph auto builds the standard graph for it
+    assert "built; standard graph, fp16 weights, fp16 activations, context 3072" in first.output
     again = runner.invoke(main, ["build", "--model", "demo", "--out", str(out), "--dtype", "fp16"])
     assert again.exit_code == 0 and "up to date" in again.output
     checked = runner.invoke(main, ["verify", str(out), "--backend", "cpu"])
@@ -43,3 +44,18 @@ def test_unknown_option_and_bad_dtype_are_usage_errors(tmp_path):
 def test_inspect_of_a_non_artifact_says_how_to_fix(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
     assert result.exit_code == 3 and "llm-export build" in result.output
+
+
+def test_graph_auto_is_fused_on_the_cpu_and_standard_for_tensorrt(tmp_path):
+    from llmpack.export.options import BuildOptions, resolve_graph
+
+    runner = CliRunner()
+    built = runner.invoke(main, ["build", "--model", "demo", "--out", str(tmp_path / "q"), "--quant", "int4"])
+    assert built.exit_code == 0, built.output
+    assert "built; ort-fused graph, int4 weights (block 32), fp32 activations, context 3072" in built.output
+    shown = runner.invoke(main, ["inspect", str(tmp_path / "q")])
+    assert "graph ort-fused" in shown.output and "int4: 4-bit weights, block 32" in shown.output
+    auto = BuildOptions(model="demo", out=tmp_path / "x")
+    assert resolve_graph(auto).graph == "ort-fused"
+    assert resolve_graph(auto, for_tensorrt=True).graph == "standard"
+    assert resolve_graph(BuildOptions(model="demo", out=tmp_path, graph="standard")).graph == "standard"

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from llmpack.cli.serve_cli import main
 from llmpack.runtime.engine import Engine
-from llmpack.runtime.protocol import SSE_DONE, completion_json, parse_request, sse_event, sse_usage_event
+from llmpack.runtime.serve.protocol import SSE_DONE, completion_json, parse_request, sse_event, sse_usage_event
 
 STORY = {"prompt": "Once upon a time", "raw": True, "temperature": 0, "max_tokens": 24}
 
@@ -29,7 +29,7 @@ def test_infer_json_matches_the_engine(stories_artifact):
 def test_infer_stream_is_workers_ai_event_stream(stories_artifact):
     result = _invoke("infer", stories_artifact, json.dumps({**STORY, "stream": True}))
     assert result.exit_code == 0, result.output
-    stream = Engine.load(stories_artifact).stream(parse_request(STORY))
+    stream = Engine.load(stories_artifact).stream_request(parse_request(STORY))
     expected = b"".join(sse_event({"response": p}) for p in stream) + sse_usage_event(stream.usage) + SSE_DONE
     assert result.stdout_bytes == expected
     events = result.stdout_bytes.split(b"\n\n")

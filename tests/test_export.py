@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
 from conftest import make_tiny_llama
+
 from llmpack.export import build as build_module
 from llmpack.export.build import BuildOptions, build, build_lock
 from llmpack.export.verify import verify
@@ -55,7 +55,7 @@ def test_demo_artifact_layout_and_manifest(demo_artifact):
 
 @pytest.mark.parametrize("kind", ["fp32", "fp16"])
 def test_tiny_transformers_models_pass_verify(tmp_path, tiny_sources, kind):
-    result = build(BuildOptions(model=str(tiny_sources[kind]), out=tmp_path / kind, dtype=kind))
+    result = build(BuildOptions(model=str(tiny_sources[kind]), out=tmp_path / kind, dtype=kind, graph="standard"))
     report = verify(result.path)
     assert report.ok, report.table()
     if kind == "fp16":  # tied embeddings: the graph has no separate lm_head tensor
@@ -68,13 +68,13 @@ def test_tiny_transformers_models_pass_verify(tmp_path, tiny_sources, kind):
 def test_bf16_safetensors_and_torch_bin_checkpoints(tmp_path, tiny_sources, kind):
     source = tiny_sources[kind]
     assert (source / ("model.safetensors" if kind == "bf16" else "pytorch_model.bin")).is_file()
-    report = verify(build(BuildOptions(model=str(source), out=tmp_path / kind)).path)
+    report = verify(build(BuildOptions(model=str(source), out=tmp_path / kind, graph="standard")).path)
     assert report.ok, report.table()
 
 
 def test_fp16_graph_survives_activations_that_overflow_fp16(tmp_path, tiny_sources):
     """Embeddings ~2000: their squares overflow fp16, so RMSNorm statistics must run in fp32."""
-    result = build(BuildOptions(model=str(tiny_sources["loud"]), out=tmp_path / "loud", dtype="fp16"))
+    result = build(BuildOptions(model=str(tiny_sources["loud"]), out=tmp_path / "loud", dtype="fp16", graph="standard"))
     report = verify(result.path)
     assert report.ok, report.table()
 
@@ -95,7 +95,7 @@ def test_logits_are_last_position_only(demo_artifact):
 
 
 def test_verify_fails_against_a_different_model(tmp_path, tiny_sources):
-    result = build(BuildOptions(model=str(tiny_sources["fp32"]), out=tmp_path / "a"))
+    result = build(BuildOptions(model=str(tiny_sources["fp32"]), out=tmp_path / "a", graph="standard"))
     path = result.path / names.MANIFEST_FILE
     data = json.loads(path.read_text())
     data["source"]["path"] = str(tiny_sources["fp32_other"])
@@ -106,14 +106,14 @@ def test_verify_fails_against_a_different_model(tmp_path, tiny_sources):
 
 
 def test_rebuild_is_idempotent_and_force_rebuilds(tmp_path, tiny_sources):
-    options = BuildOptions(model=str(tiny_sources["fp32"]), out=tmp_path / "art")
+    options = BuildOptions(model=str(tiny_sources["fp32"]), out=tmp_path / "art", graph="standard")
     first = build(options)
     stamp = (first.path / names.WEIGHTS_FILE).stat().st_mtime_ns
     second = build(options)
     assert second.reused and (first.path / names.WEIGHTS_FILE).stat().st_mtime_ns == stamp
-    forced = build(BuildOptions(model=options.model, out=options.out, force=True))
+    forced = build(BuildOptions(model=options.model, out=options.out, force=True, graph="standard"))
     assert not forced.reused and forced.manifest.built_at >= first.manifest.built_at
-    changed = build(BuildOptions(model=options.model, out=options.out, max_context=128))
+    changed = build(BuildOptions(model=options.model, out=options.out, max_context=128, graph="standard"))
     assert not changed.reused and changed.manifest.max_context == 128
     assert not list(tmp_path.glob(".art.*-*"))
 
@@ -126,7 +126,7 @@ def test_interrupted_build_leaves_no_artifact(tmp_path, tiny_sources, monkeypatc
     monkeypatch.setattr(build_module, "write_decoder_graph", explode)
     out = tmp_path / "art"
     with pytest.raises(KeyboardInterrupt):
-        build(BuildOptions(model=str(tiny_sources["fp32"]), out=out))
+        build(BuildOptions(model=str(tiny_sources["fp32"]), out=out, graph="standard"))
     _no_leftovers(out)
 
 
@@ -134,7 +134,7 @@ def test_stale_staging_from_a_killed_build_is_cleaned(tmp_path, tiny_sources):
     stale = tmp_path / ".art.build-dead"
     stale.mkdir()
     (stale / names.MODEL_FILE).write_bytes(b"partial")
-    result = build(BuildOptions(model=str(tiny_sources["fp32"]), out=tmp_path / "art"))
+    result = build(BuildOptions(model=str(tiny_sources["fp32"]), out=tmp_path / "art", graph="standard"))
     assert not stale.exists() and open_artifact(result.path)
 
 
@@ -142,7 +142,7 @@ def test_concurrent_build_into_same_path_fails_fast(tmp_path, tiny_sources):
     out = tmp_path / "art"
     with build_lock(out.resolve()):
         with pytest.raises(BuildError, match="another llm-export build"):
-            build(BuildOptions(model=str(tiny_sources["fp32"]), out=out))
+            build(BuildOptions(model=str(tiny_sources["fp32"]), out=out, graph="standard"))
 
 
 def test_disk_full_is_a_clear_error(tmp_path, tiny_sources, monkeypatch):
@@ -152,14 +152,14 @@ def test_disk_full_is_a_clear_error(tmp_path, tiny_sources, monkeypatch):
     monkeypatch.setattr(build_module, "write_decoder_graph", no_space)
     out = tmp_path / "art"
     with pytest.raises(BuildError, match="disk full"):
-        build(BuildOptions(model=str(tiny_sources["fp32"]), out=out))
+        build(BuildOptions(model=str(tiny_sources["fp32"]), out=out, graph="standard"))
     _no_leftovers(out)
 
 
 def test_too_little_free_space_is_refused_up_front(tmp_path, tiny_sources, monkeypatch):
     monkeypatch.setattr(build_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 10))
     with pytest.raises(BuildError, match="not enough disk space"):
-        build(BuildOptions(model=str(tiny_sources["fp32"]), out=tmp_path / "art"))
+        build(BuildOptions(model=str(tiny_sources["fp32"]), out=tmp_path / "art", graph="standard"))
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -186,7 +186,7 @@ def test_bad_checkpoints_are_refused_without_partial_artifact(tmp_path, tiny_sou
     damage(source)
     out = tmp_path / "art"
     with pytest.raises(CheckpointError, match=message):
-        build(BuildOptions(model=str(source), out=out))
+        build(BuildOptions(model=str(source), out=out, graph="standard"))
     _no_leftovers(out)
 
 
@@ -195,7 +195,7 @@ def test_truncated_weights_are_refused(tmp_path, tiny_sources):
     weights = source / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="re-download"):
-        build(BuildOptions(model=str(source), out=tmp_path / "art"))
+        build(BuildOptions(model=str(source), out=tmp_path / "art", graph="standard"))
     _no_leftovers(tmp_path / "art")
 
 
@@ -204,9 +204,9 @@ def test_output_path_that_is_not_an_artifact_is_refused(tmp_path, tiny_sources):
     out.mkdir()
     (out / "notes.txt").write_text("do not delete")
     with pytest.raises(BuildError, match="not an llmpack artifact"):
-        build(BuildOptions(model=str(tiny_sources["fp32"]), out=out))
+        build(BuildOptions(model=str(tiny_sources["fp32"]), out=out, graph="standard"))
     assert (out / "notes.txt").read_text() == "do not delete"
     afile = tmp_path / "file"
     afile.write_text("x")
     with pytest.raises(BuildError, match="not a folder"):
-        build(BuildOptions(model=str(tiny_sources["fp32"]), out=afile))
+        build(BuildOptions(model=str(tiny_sources["fp32"]), out=afile, graph="standard"))

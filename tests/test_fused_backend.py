@@ -8,10 +8,10 @@ import pytest
 
 from llmpack.export.verify import verify
 from llmpack.runtime import manifest as names
-from llmpack.runtime import ort_fused_backend
 from llmpack.runtime.artifact import open_artifact, open_backend
+from llmpack.runtime.backends import ort_fused as ort_fused_backend
+from llmpack.runtime.backends.ort_fused import OrtFusedBackend
 from llmpack.runtime.errors import BackendError
-from llmpack.runtime.ort_fused_backend import OrtFusedBackend
 
 
 def _backend(path, max_batch=4) -> OrtFusedBackend:

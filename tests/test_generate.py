@@ -8,8 +8,8 @@ import pytest
 from llmpack.runtime.engine import Engine, EngineOptions
 from llmpack.runtime.errors import InputTooLong
 from llmpack.runtime.generate import FINISH_LENGTH, FINISH_STOP
-from llmpack.runtime.protocol import parse_request
 from llmpack.runtime.sampling import SamplingParams
+from llmpack.runtime.serve.protocol import ENGINE_LIMITS, parse_request
 
 GREEDY = SamplingParams(temperature=0)
 STORY_PROMPTS = ["Once upon a time", "Tom and Lily went to the park. They saw", "The little dog said: \"Olé!\" and"]
@@ -17,12 +17,12 @@ STORY_PROMPTS = ["Once upon a time", "Tom and Lily went to the park. They saw", 
 
 @pytest.fixture(scope="module")
 def stories_engine(stories_artifact):
-    return Engine.load(stories_artifact)
+    return Engine.load(stories_artifact, EngineOptions(**ENGINE_LIMITS))
 
 
 @pytest.fixture(scope="module")
 def demo_engine(demo_artifact):
-    return Engine.load(demo_artifact)
+    return Engine.load(demo_artifact, EngineOptions(**ENGINE_LIMITS))  # as llm-serve runs it
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def _hf_greedy(model, ids: list[int], max_new: int, stop_ids) -> list[int]:
 @pytest.mark.parametrize("prompt", STORY_PROMPTS)
 def test_stories_greedy_equals_transformers_generate(stories_engine, reference_model, prompt):
     request = parse_request({"prompt": prompt, "raw": True, "temperature": 0, "max_tokens": 300})
-    ids = stories_engine.prompt_ids(request)
+    ids = stories_engine.request_ids(request)
     ours = list(stories_engine.generate_ids(ids, 300, GREEDY))
     reference = _hf_greedy(reference_model, ids, 300, stories_engine.stop_ids)
     assert ours == reference
@@ -66,7 +66,7 @@ def test_stories_story_ends_on_bos_stop_id(stories_engine):
 def test_streamed_equals_non_streamed(request, engine_name, sampling):
     engine = request.getfixturevalue(engine_name)
     body = {"prompt": "Ben had a red café ☕ and", "raw": True, "max_tokens": 120, **sampling}
-    pieces = list(engine.stream(parse_request({**body, "stream": True})))
+    pieces = list(engine.stream_request(parse_request({**body, "stream": True})))
     whole = engine.complete(parse_request(body)).text
     assert "".join(pieces) == whole and len(pieces) > 1
     assert all(piece for piece in pieces)
@@ -83,13 +83,13 @@ def test_prompt_over_input_limit_is_refused_with_counts(demo_engine):
     long_prompt = "漢字" * 500  # byte fallback: three tokens per character
     request = parse_request({"prompt": long_prompt, "raw": True})
     with pytest.raises(InputTooLong, match=r"prompt is \d+ tokens, the limit is 2500"):
-        demo_engine.prompt_ids(request)
+        demo_engine.request_ids(request)
 
 
 def test_small_context_artifact_limits_input(stories_engine):
     request = parse_request({"prompt": "the " * 600, "raw": True})
     with pytest.raises(InputTooLong, match="the limit is 511"):
-        stories_engine.prompt_ids(request)
+        stories_engine.request_ids(request)
 
 
 def test_generation_stops_at_the_context_limit(demo_engine):
@@ -131,15 +131,15 @@ def test_backend_reset_after_generation(demo_engine):
 
 def test_system_prompt_default_override_and_off(demo_artifact):
     request = parse_request({"prompt": "hi"})
-    default = Engine.load(demo_artifact).prompt_ids(request)
-    custom = Engine.load(demo_artifact, EngineOptions(system_prompt="Be brief.")).prompt_ids(request)
-    off = Engine.load(demo_artifact, EngineOptions(system_prompt="")).prompt_ids(request)
+    default = Engine.load(demo_artifact).request_ids(request)
+    custom = Engine.load(demo_artifact, EngineOptions(system_prompt="Be brief.")).request_ids(request)
+    off = Engine.load(demo_artifact, EngineOptions(system_prompt="")).request_ids(request)
     assert len(default) > len(custom) > len(off)
     assert np.array_equal(off[-3:], default[-3:])
 
 
 def test_artifact_too_big_for_memory_is_refused_before_loading(demo_artifact, monkeypatch):
-    from llmpack.runtime import ort_backend
+    from llmpack.runtime.backends import ort_cpu as ort_backend
     from llmpack.runtime.errors import ArtifactError
 
     monkeypatch.setattr(ort_backend, "available_memory", lambda: 1000)

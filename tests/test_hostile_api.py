@@ -29,7 +29,7 @@ TEMPLATES = {RUN: "/ai/run/{model}", CHAT: CHAT, COMPLETIONS: COMPLETIONS, "/tok
 def short_artifact(tmp_path_factory) -> Path:
     from llmpack.export.build import BuildOptions, build
 
-    return build(BuildOptions(model="demo", out=tmp_path_factory.mktemp("short") / "demo64", max_context=64)).path
+    return build(BuildOptions(model="demo", out=tmp_path_factory.mktemp("short") / "demo64", max_context=64, graph="standard")).path
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llmpack.runtime import huge_pages
-from llmpack.runtime.huge_pages import HUGE_PAGE, Region, back_with_huge_pages, filled_anonymous_regions
+from llmpack.runtime.backends import huge_pages
+from llmpack.runtime.backends.huge_pages import HUGE_PAGE, Region, back_with_huge_pages, filled_anonymous_regions
 
 MiB = 2**20
 SMAPS = """\

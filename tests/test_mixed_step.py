@@ -7,13 +7,13 @@ import numpy as np
 import onnx
 import pytest
 
-from llmpack.runtime import fused_interface as fused
 from llmpack.runtime import manifest as names
 from llmpack.runtime.artifact import open_artifact, open_backend
+from llmpack.runtime.backends import fused_interface as fused
 from llmpack.runtime.batch_scheduler import MIXED_STEP_SHARE, PrefillPacer
 from llmpack.runtime.engine import Engine, EngineOptions
 from llmpack.runtime.errors import BackendError
-from llmpack.runtime.protocol import parse_request
+from llmpack.runtime.serve.protocol import parse_request
 
 PROMPTS = [[1, 5, 9, 13, 17, 21, 25], [1, 40, 41], [1, 7, 8, 9, 10], [1, 3]]
 JOINER = [1] + list(range(50, 61))  # 12 tokens
@@ -103,7 +103,7 @@ def test_concurrent_requests_on_a_mixing_engine_equal_served_alone(fused_stories
     calls.clear()
     # All queued at once (a stream is submitted when it is made): while the first decodes, the next
     # prompts are read, and the scheduler reads them inside its decode steps.
-    streams = [engine.stream(parse_request(body)) for body in bodies]
+    streams = [engine.stream_request(parse_request(body)) for body in bodies]
     together = ["".join(stream) for stream in streams]
     assert together == alone
     assert calls, "no prompt was read inside a decode step"
@@ -111,7 +111,7 @@ def test_concurrent_requests_on_a_mixing_engine_equal_served_alone(fused_stories
 
 
 def test_without_memory_for_the_second_session_it_serves_without_mixing(fused_tiny, monkeypatch, caplog):
-    from llmpack.runtime import ort_backend
+    from llmpack.runtime.backends import ort_cpu as ort_backend
 
     answers = iter([1 << 40, 1])  # room for the decode session, none left for the mixed one
     monkeypatch.setattr(ort_backend, "available_memory", lambda: next(answers))

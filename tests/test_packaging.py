@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 from conftest import REPO
 
@@ -18,7 +17,7 @@ class Block:
             raise ImportError(f'serving must not import {name}')
 sys.meta_path.insert(0, Block())
 from llmpack.runtime.engine import Engine
-from llmpack.runtime.protocol import parse_request
+from llmpack.runtime.serve.protocol import parse_request
 import llmpack.cli.serve_cli
 engine = Engine.load(sys.argv[1])
 print(engine.complete(parse_request({"prompt": "hello", "max_tokens": 5, "temperature": 0})).usage.completion_tokens)
@@ -40,12 +39,12 @@ def test_wheel_maps_the_folders_into_one_namespace(tmp_path):
     top = {n.split("/")[0] for n in names}
     assert top == {"llmpack", wheel.name.split("-py3")[0] + ".dist-info"}, top
     for required in ("llmpack/export/graph.py", "llmpack/runtime/engine.py", "llmpack/cli/serve_cli.py",
-                     "llmpack/export/demo_corpus.txt", "llmpack/runtime/spec_llama-2-7b-chat-fp16.json"):
+                     "llmpack/export/demo_corpus.txt", "llmpack/runtime/serve/spec_llama-2-7b-chat-fp16.json", "llmpack/runtime/backends/ort_fused.py"):
         assert required in names
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
-    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import llmpack.runtime.protocol as p, llmpack.export.demo as d; "
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import llmpack.runtime.serve.protocol as p, llmpack.export.demo as d; "
              "assert p.__file__.startswith(sys.argv[1]), p.__file__; print(p.CONTEXT_LIMIT, p.INPUT_LIMIT, len(d.train_demo_tokenizer()) > 0)")
     result = subprocess.run([sys.executable, "-c", probe, str(site)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -53,5 +52,5 @@ def test_wheel_maps_the_folders_into_one_namespace(tmp_path):
 
 
 def test_shipped_spec_is_the_published_one_verbatim(shared_dir):
-    shipped = json.loads((REPO / "runtime" / "spec_llama-2-7b-chat-fp16.json").read_text())
+    shipped = json.loads((REPO / "runtime" / "serve" / "spec_llama-2-7b-chat-fp16.json").read_text())
     assert shipped == json.loads((shared_dir / "spec" / "llama-2-7b-chat-fp16.json").read_text())

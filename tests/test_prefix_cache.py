@@ -12,8 +12,8 @@ import pytest
 from llmpack.runtime.artifact import open_artifact, open_backend
 from llmpack.runtime.engine import Engine, EngineOptions
 from llmpack.runtime.prefix_cache import PrefixCache, common_prefix
-from llmpack.runtime.protocol import parse_request
 from llmpack.runtime.sampling import SamplingParams
+from llmpack.runtime.serve.protocol import parse_request
 
 PROMPT = [1] + list(range(100, 119))  # 20 tokens
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from llmpack.runtime import protocol
 from llmpack.runtime.errors import InputTooLong, InvalidRequest
-from llmpack.runtime.protocol import (
+from llmpack.runtime.sampling import SamplingParams
+from llmpack.runtime.serve import protocol
+from llmpack.runtime.serve.protocol import (
     CONTEXT_LIMIT,
     INPUT_LIMIT,
     SSE_DONE,
@@ -21,10 +22,9 @@ from llmpack.runtime.protocol import (
     sse_event,
     sse_usage_event,
 )
-from llmpack.runtime.sampling import SamplingParams
 from llmpack.runtime.template import Message
 
-SPEC_COPY = Path(__file__).resolve().parents[1] / "runtime" / "spec_llama-2-7b-chat-fp16.json"
+SPEC_COPY = Path(__file__).resolve().parents[1] / "runtime" / "serve" / "spec_llama-2-7b-chat-fp16.json"
 
 
 def test_limits_come_from_the_spec():
@@ -198,5 +198,5 @@ def test_spec_is_read_as_a_package_resource():
     # The same lookup works from an installed wheel, which carries runtime/*.json as package data.
     from importlib import resources
 
-    resource = resources.files("llmpack.runtime").joinpath(protocol.SPEC_FILE)
+    resource = resources.files("llmpack.runtime.serve").joinpath(protocol.SPEC_FILE)
     assert json.loads(resource.read_text(encoding="utf-8")) == protocol.SPEC

@@ -1,161 +1,206 @@
-"""The scheduler, stop strings and metrics in-process, and a failing generation answered over real HTTP."""
+"""Admission, the token hand-off, stop strings and metrics in-process, and a failing generation over real HTTP.
+
+The in-process tests run the real engine pipeline (batch scheduler thread → LoopTokens → Generation)
+over a scripted backend whose steps can be held at a gate or made to fail.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
+import numpy as np
 import pytest
 from serving import free_port, parse_sse
 
+from llmpack.runtime.engine import Engine, EngineOptions
 from llmpack.runtime.errors import CapacityExceeded
-from llmpack.runtime.metrics import Metrics
-from llmpack.runtime.protocol import Usage, parse_request
-from llmpack.runtime.scheduler import FINISH_CANCELLED, Failed, Finished, Piece, Scheduler, ShuttingDown
-from llmpack.runtime.streaming import StopFilter
+from llmpack.runtime.generate import FINISH_CANCELLED
+from llmpack.runtime.serve.admission import Admission, ShuttingDown
+from llmpack.runtime.serve.metrics import Metrics
+from llmpack.runtime.serve.protocol import parse_request
+from llmpack.runtime.serve.streaming import Generation, StopFilter
+from llmpack.runtime.tokenizer import Tokenizer
+
+GATED, BOOM = 7, 8  # a prompt's second id picks the behaviour: wait at the gate each step, fail at step 2
 
 
-class FakeStream:
-    """A TextStream stand-in: yields `pieces`, optionally waits on `gate` first, raises at `fail_at`."""
+class ScriptedBackend:
+    """Answers every sequence with `answer`, one id per step; optionally held at `gate` or failing."""
 
-    def __init__(self, pieces, gate: threading.Event | None = None, fail_at: int | None = None):
-        self.pieces, self.gate, self.fail_at = pieces, gate, fail_at
-        self.generated, self.closed = 0, False
+    name, context_length = "scripted", 64
 
-    def __iter__(self):
-        try:
-            for index, piece in enumerate(self.pieces):
-                if self.gate is not None:
-                    self.gate.wait(10)
-                if index == self.fail_at:
-                    raise RuntimeError("simulated backend fault")
-                self.generated += 1
-                yield piece
-        finally:
-            self.closed = True
-
-    @property
-    def usage(self) -> Usage:
-        return Usage(prompt_tokens=3, completion_tokens=self.generated)
-
-    @property
-    def finish_reason(self) -> str | None:
-        return "length" if self.generated == len(self.pieces) else None
-
-
-class FakeEngine:
-    max_batch = 1
-    prefix_cache = None
-    """Streams by prompt: 'gated' waits for `gate`, 'boom' fails after one piece, else three pieces."""
-
-    def __init__(self):
+    def __init__(self, vocab_size: int, answer: list[int], max_batch: int = 1):
+        self.vocab_size, self.answer, self.max_batch = vocab_size, answer, max_batch
         self.gate = threading.Event()
-        self.streams: list[FakeStream] = []
+        self.slots: dict[int, list[int]] = {}
+        self.steps: dict[int, int] = {}
 
-    def stream(self, request):
-        stream = FakeStream(["a", "b", "c"], gate=self.gate if request.prompt == "gated" else None,
-                            fail_at=1 if request.prompt == "boom" else None)
-        self.streams.append(stream)
-        return stream
+    def cached_tokens(self, slot: int) -> int:
+        return len(self.slots.get(slot, []))
+
+    def prefill(self, slot, ids):
+        self.slots.setdefault(slot, []).extend(ids)
+        self.steps[slot] = 0
+        return self._logits(slot)
+
+    def decode(self, slots, ids):
+        for slot, token in zip(slots, ids):
+            self.slots[slot].append(token)
+            self.steps[slot] += 1
+        kinds = {self.slots[slot][1] for slot in slots}
+        if GATED in kinds:
+            self.gate.wait(10)
+        if BOOM in kinds and any(self.steps[s] == 2 for s in slots):
+            raise RuntimeError("simulated backend fault")
+        return np.stack([self._logits(slot) for slot in slots])
+
+    def reset(self, slot):
+        self.slots.pop(slot, None)
+
+    def _logits(self, slot):
+        logits = np.zeros(self.vocab_size, dtype=np.float32)
+        logits[self.answer[self.steps[slot] % len(self.answer)]] = 1.0
+        return logits
 
 
-async def drain(job) -> list:
-    return [event async for event in job.events()]
+@pytest.fixture(scope="module")
+def tokenizer(demo_artifact) -> Tokenizer:
+    return Tokenizer.from_file(demo_artifact / "tokenizer.model")
 
 
-async def until_running(job) -> None:
-    while job.state != "running":
+def answer_ids(tokenizer) -> list[int]:
+    """Three ids that each decode to visible ASCII text on their own: every token is a piece of text."""
+    visible = (i for i in range(3, tokenizer.vocab_size) if tokenizer.decode([i]).strip().isalpha())
+    return [next(visible) for _ in range(3)]
+
+
+def scripted_engine(tokenizer, max_batch: int = 1) -> Engine:
+    answer = answer_ids(tokenizer)
+    backend = ScriptedBackend(tokenizer.vocab_size, answer, max_batch)
+    artifact = SimpleNamespace(manifest=SimpleNamespace(stop_token_ids=(tokenizer.eos_id,), name="scripted"))
+    return Engine(artifact, backend, tokenizer, None, EngineOptions(prefix_cache_mb=0))
+
+
+GREEDY3 = parse_request({"prompt": "x", "raw": True, "max_tokens": 3, "temperature": 0})
+
+
+def admit(admission: Admission, kind: int) -> Generation:
+    return Generation(admission.submit(GREEDY3, [1, kind, 5]), admission, admission.engine.tokenizer)
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
         await asyncio.sleep(0.005)
 
 
-def request(prompt: str):
-    return parse_request({"prompt": prompt, "raw": True})
+async def outcome(generation: Generation):
+    try:
+        return await generation.text(), generation.finished
+    except Exception as exc:  # noqa: BLE001 - the test compares the error
+        return None, exc
 
 
-def started(engine, max_queue: int = 4, **options) -> Scheduler:
-    scheduler = Scheduler(engine, max_queue, **options)
-    scheduler.start()
-    return scheduler
-
-
-def test_queue_bound_cancel_frees_the_place_and_failures_stay_in_their_job():
+def test_queue_bound_cancel_frees_the_place_and_failures_stay_in_their_sequence(tokenizer):
     async def scenario():
-        engine, metrics = FakeEngine(), Metrics()
-        scheduler = started(engine, max_queue=1, metrics=metrics)
-        running = scheduler.submit(request("gated"))
-        await until_running(running)
-        waiting = scheduler.submit(request("next"))
+        engine, metrics = scripted_engine(tokenizer), Metrics()
+        admission = Admission(engine, max_queue=1, metrics=metrics)
+        running = admit(admission, GATED)
+        await until(lambda: engine.scheduler.active == 1)
+        waiting = admit(admission, 0)
         with pytest.raises(CapacityExceeded):
-            scheduler.submit(request("one too many"))
-        waiting.cancel()
-        assert scheduler.queue_depth == 0  # at once, not when the worker gets there
-        assert await drain(waiting) == [Finished(Usage(0, 0), FINISH_CANCELLED)]
-        failing = scheduler.submit(request("boom"))
-        engine.gate.set()
-        assert [e for e in await drain(running) if isinstance(e, Piece)] == [Piece("a"), Piece("b"), Piece("c")]
-        events = await drain(failing)
-        assert events[0] == Piece("a") and isinstance(events[-1], Failed)
-        assert events[-1].error.http_status == 500 and "simulated" not in events[-1].error.message
-        assert [type(e) for e in await drain(scheduler.submit(request("after")))] == [Piece, Piece, Piece, Finished]
-        scheduler.close(timeout=5)
-        return engine, metrics
+            admit(admission, 0)
+        waiting.stop()
+        await until(lambda: admission.in_flight == 1)  # at once, not when a slot frees
+        assert (await outcome(waiting))[1].finish_reason == FINISH_CANCELLED
+        failing = admit(admission, BOOM)
+        engine.backend.gate.set()
+        results = [await outcome(g) for g in (running, failing)]
+        results.append(await outcome(admit(admission, 0)))
+        engine.close()
+        return results, metrics
 
-    engine, metrics = asyncio.run(scenario())
-    assert all(stream.closed for stream in engine.streams)
+    (ran, failed, after), metrics = asyncio.run(scenario())
+    answer = tokenizer.decode(answer_ids(tokenizer))
+    assert ran[0] == answer and ran[1].finish_reason == "length" and after[0] == answer
+    assert failed[0] is None and failed[1].http_status == 500 and "simulated" not in failed[1].message
     assert metrics.generations == {"finished": 2, "failed": 1, FINISH_CANCELLED: 1}
 
 
-def test_concurrency_runs_that_many_jobs_and_widens_the_bound():
+def test_batch_slots_widen_the_bound(tokenizer):
     async def scenario():
-        engine = FakeEngine()
-        scheduler = started(engine, max_queue=1, concurrency=2)
-        jobs = [scheduler.submit(request("gated")) for _ in range(3)]
-        await until_running(jobs[0])
-        await until_running(jobs[1])
+        engine = scripted_engine(tokenizer, max_batch=2)
+        admission = Admission(engine, max_queue=1)
+        generations = [admit(admission, GATED) for _ in range(3)]
+        await until(lambda: engine.scheduler.active == 2)
         with pytest.raises(CapacityExceeded):
-            scheduler.submit(request("one too many"))
-        states = [job.state for job in jobs]
-        engine.gate.set()
-        ends = [(await drain(job))[-1] for job in jobs]
-        scheduler.close(timeout=5)
-        return states, ends
+            admit(admission, GATED)
+        queued = engine.scheduler.queue_depth
+        engine.backend.gate.set()
+        results = [await outcome(g) for g in generations]
+        engine.close()
+        return queued, results
 
-    states, ends = asyncio.run(scenario())
-    assert states == ["running", "running", "waiting"] and all(end.finish_reason == "length" for end in ends)
+    queued, results = asyncio.run(scenario())
+    assert queued == 1 and all(finished.finish_reason == "length" for _, finished in results)
 
 
-def test_cancelling_a_running_job_stops_it_between_tokens():
+def test_cancelling_a_running_sequence_stops_it_between_tokens(tokenizer):
     async def scenario():
-        engine = FakeEngine()
-        scheduler = started(engine)
-        job = scheduler.submit(request("gated"))
-        await until_running(job)
-        job.cancel()
-        engine.gate.set()
-        events = await drain(job)
-        scheduler.close(timeout=5)
-        return events, engine.streams[0]
+        engine = scripted_engine(tokenizer)
+        admission = Admission(engine, max_queue=4)
+        generation = admit(admission, GATED)
+        await generation.first_text()  # the prefill's token; the first decode step waits at the gate
+        generation.stop()
+        engine.backend.gate.set()
+        result = await outcome(generation)
+        engine.close()
+        return result
 
-    events, stream = asyncio.run(scenario())
-    assert events[-1].finish_reason == FINISH_CANCELLED and stream.generated == 1 and stream.closed
+    text, finished = asyncio.run(scenario())
+    assert finished.finish_reason == FINISH_CANCELLED and finished.usage.completion_tokens < 3
 
 
-def test_close_fails_what_it_cancels_with_503_and_refuses_new_jobs():
+def test_close_fails_what_it_cancels_with_503_and_refuses_new_requests(tokenizer):
     async def scenario():
-        engine = FakeEngine()
-        scheduler = started(engine)
-        jobs = [scheduler.submit(request("gated")) for _ in range(3)]
-        await until_running(jobs[0])
-        scheduler.close(timeout=0)  # the worker is still held at the gate
-        engine.gate.set()
+        engine = scripted_engine(tokenizer)
+        admission = Admission(engine, max_queue=4)
+        generations = [admit(admission, GATED) for _ in range(3)]
+        await until(lambda: engine.scheduler.active == 1)
+        closing = asyncio.get_running_loop().run_in_executor(None, admission.close, 10)
+        await until(lambda: admission.closed)
+        engine.backend.gate.set()
+        await closing
         with pytest.raises(ShuttingDown):
-            scheduler.submit(request("late"))
-        return [(await drain(job))[-1] for job in jobs]
+            admit(admission, 0)
+        results = [await outcome(g) for g in generations]
+        engine.close()
+        return results
 
     # Nobody may mistake a cut-off answer for a complete one: each gets an error, not a Finished.
-    assert [(type(last), last.error.http_status) for last in asyncio.run(scenario())] == [(Failed, 503)] * 3
+    assert [(text, type(error), error.http_status) for text, error in asyncio.run(scenario())] == \
+        [(None, ShuttingDown, 503)] * 3
+
+
+def test_tokens_ready_together_cross_in_one_wake_up(tokenizer):
+    """The batch thread's puts while the loop is busy are taken together: one piece, same text."""
+    async def scenario():
+        engine = scripted_engine(tokenizer)
+        admission = Admission(engine, max_queue=4)
+        tokens = admission.submit(GREEDY3, [1, 0, 5])
+        time.sleep(0.5)  # the loop is blocked: every token and the end arrive before it takes any
+        taken = await tokens.take()
+        engine.close()
+        return taken
+
+    ids, end = asyncio.run(scenario())
+    assert ids == answer_ids(tokenizer) and end == ("length", None)
 
 
 @pytest.mark.parametrize("stops,pieces,sent,stopped", [
@@ -184,51 +229,52 @@ def test_metrics_histogram_is_cumulative():
 # --- an exception inside one generation, over real HTTP ---------------------------------------------
 
 
-class FlakyEngine:
-    """The real demo engine, except that prompts containing 'FAIL@n' raise before their n-th piece.
+class FlakyBackend:
+    """The real demo backend, except that a prompt containing 'FAIL@n' fails the step that makes its n-th token.
 
     No request can make the real engine fail (its inputs are validated and bounded), so the fault is
     injected here, in the test, and nowhere in the library.
     """
 
-    def __init__(self, engine):
-        self._engine = engine
+    def __init__(self, backend, tokenizer):
+        self._backend, self._tokenizer = backend, tokenizer
+        self._fail_at: dict[int, int] = {}
+        self._steps: dict[int, int] = {}
 
     def __getattr__(self, name):
-        return getattr(self._engine, name)
+        return getattr(self._backend, name)
 
-    def stream(self, request):
-        stream = self._engine.stream(request)
-        text = request.prompt or ""
-        return _Failing(stream, int(text.split("FAIL@")[1][0])) if "FAIL@" in text else stream
+    def prefill(self, slot, ids):
+        found = re.search(r"FAIL@(\d)", self._tokenizer.decode(list(ids)))
+        if found:
+            self._fail_at[slot], self._steps[slot] = int(found.group(1)), 0
+        if self._fail_at.get(slot) == 0:
+            raise RuntimeError("simulated backend fault")
+        return self._backend.prefill(slot, ids)
 
+    def decode(self, slots, ids):
+        for slot in slots:
+            self._steps[slot] = self._steps.get(slot, 0) + 1
+            if self._fail_at.get(slot) == self._steps[slot]:
+                raise RuntimeError("simulated backend fault")
+        return self._backend.decode(slots, ids)
 
-class _Failing:
-    def __init__(self, stream, fail_at: int):
-        self.stream, self.fail_at = stream, fail_at
-
-    def __iter__(self):
-        pieces = iter(self.stream)
-        try:
-            for index, piece in enumerate(pieces):
-                if index == self.fail_at:
-                    raise RuntimeError("simulated backend fault")
-                yield piece
-        finally:
-            pieces.close()
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
+    def reset(self, slot):
+        self._fail_at.pop(slot, None)
+        self._steps.pop(slot, None)
+        self._backend.reset(slot)
 
 
 @pytest.fixture(scope="module")
 def flaky_server(demo_artifact):
     import uvicorn
 
-    from llmpack.runtime.engine import Engine, EngineOptions
-    from llmpack.runtime.server import create_app
+    from llmpack.runtime.serve.server import create_app
 
-    app = create_app(FlakyEngine(Engine.load(demo_artifact, EngineOptions(threads=1))))
+    real = Engine.load(demo_artifact, EngineOptions(threads=1, prefix_cache_mb=0))
+    engine = Engine(real.artifact, FlakyBackend(real.backend, real.tokenizer), real.tokenizer, real.system_prompt,
+                    EngineOptions(prefix_cache_mb=0))  # every request reads its whole prompt: the marker is seen
+    app = create_app(engine)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -264,29 +310,35 @@ def test_a_generation_that_fails_midway_ends_its_stream_with_an_error_event(flak
                           json={"prompt": "FAIL@3 later", "max_tokens": 8, "stream": True})
     events, done = parse_sse(streamed.content)
     assert streamed.status_code == 200 and not done  # no [DONE]: the client can tell it is incomplete
-    assert [set(e) for e in events[:3]] == [{"response"}] * 3 and events[-1]["success"] is False
+    assert events[:-1] and all(set(e) == {"response"} for e in events[:-1]) and events[-1]["success"] is False
     metrics = httpx.get(flaky_server + "/metrics").text
     assert 'llmpack_generations_total{outcome="failed"}' in metrics and "llmpack_requests_in_flight 0" in metrics
 
 
-def test_ready_only_after_the_warm_up_generation():
+def test_ready_only_after_the_warm_up_generation(tokenizer):
     from starlette.testclient import TestClient
 
-    from llmpack.runtime.server import create_app
+    from llmpack.runtime.serve.server import create_app
 
-    class SlowStart(FakeEngine):
-        model_name = "fake"
-
-        def stream(self, request):
-            return FakeStream(["warm"], gate=self.gate)
-
-    engine = SlowStart()
+    engine = scripted_engine(tokenizer)
+    engine.backend.answer = [GATED] * 3  # held at the gate: the warm-up's prompt is the template, not ours
+    engine.backend.decode = _gated(engine.backend)
     with TestClient(create_app(engine)) as client:
         assert client.get("/health").status_code == 200
         not_yet = client.get("/ready")
         assert not_yet.status_code == 503 and "warm-up" in not_yet.json()["reason"]
-        engine.gate.set()
+        engine.backend.gate.set()
         deadline = time.monotonic() + 10
         while client.get("/ready").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.01)
+    engine.close()
+
+
+def _gated(backend: ScriptedBackend):
+    scripted = backend.decode
+
+    def decode(slots, ids):
+        backend.gate.wait(10)
+        return scripted(slots, ids)
+    return decode

@@ -9,9 +9,7 @@ import subprocess
 import httpx
 import jsonschema
 import pytest
-from serving import (AUTH, GREEDY, LLM_SERVE, REST, RUN, SERVER_API_KEY, WORKERS_MODEL, metric,
-                     workers_stream_text)
-
+from serving import GREEDY, LLM_SERVE, REST, RUN, SERVER_API_KEY, WORKERS_MODEL, metric, workers_stream_text
 
 # --- start-up, probes, auth ------------------------------------------------------------------------
 
@@ -89,10 +87,10 @@ def test_curl_style_form_content_type_is_read_as_json(demo_http):
 
 def test_tokenize_returns_the_ids_the_engine_feeds(demo_http, demo_artifact):
     from llmpack.runtime.engine import Engine
-    from llmpack.runtime.protocol import parse_request
+    from llmpack.runtime.serve.protocol import parse_request
 
     body = {"messages": [{"role": "user", "content": "Count my tokens"}]}
-    expected = Engine.load(demo_artifact).prompt_ids(parse_request(body))
+    expected = Engine.load(demo_artifact).request_ids(parse_request(body))
     assert demo_http.post("/tokenize", json=body).json() == {"tokens": expected, "count": len(expected)}
 
 

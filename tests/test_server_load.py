@@ -7,8 +7,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from serving import AUTH, GREEDY, REST, RUN, SERVER_API_KEY, ServerProcess, metric, parse_sse, wait_until, \
-    workers_stream_text
+from serving import (
+    AUTH,
+    GREEDY,
+    REST,
+    RUN,
+    SERVER_API_KEY,
+    ServerProcess,
+    metric,
+    parse_sse,
+    wait_until,
+    workers_stream_text,
+)
 
 # Long enough to still be generating while a test acts (~1.5 s on the demo model), short of the context.
 LONG_STREAM = {"prompt": "Go on and on", "max_tokens": 2900, "temperature": 0, "stream": True}

@@ -19,15 +19,25 @@ from click.testing import CliRunner
 
 from llmpack.export import trt_build
 from llmpack.export.graph import interface
+from llmpack.export.trt_build import graph_problem
 from llmpack.runtime import manifest as names
 from llmpack.runtime.artifact import Artifact, Probes, open_artifact, open_backend, select_backend
-from llmpack.runtime.cuda_device import ALIGN, GpuInfo
-from llmpack.runtime.device_kv import DeviceKvBackend, KvGeometry, fit_slots, plan_step, slots_that_fit
+from llmpack.runtime.backends import trt as trt_backend
+from llmpack.runtime.backends.cuda_device import ALIGN, GpuInfo
+from llmpack.runtime.backends.device_kv import DeviceKvBackend, KvGeometry, fit_slots, plan_step, slots_that_fit
+from llmpack.runtime.backends.trt import engine_problem, io_problem, profile_for
 from llmpack.runtime.errors import ArtifactError, BackendError, BuildError
-from llmpack.runtime.manifest import (MANIFEST_VERSION, BuildManifest, EngineInfo, EngineProfile, FileDigest,
-                                      ModelConfig, SourceInfo, digest_file, read_manifest)
-from llmpack.runtime import trt_backend
-from llmpack.runtime.trt_backend import engine_problem, graph_problem, io_problem, profile_for
+from llmpack.runtime.manifest import (
+    MANIFEST_VERSION,
+    BuildManifest,
+    EngineInfo,
+    EngineProfile,
+    FileDigest,
+    ModelConfig,
+    SourceInfo,
+    digest_file,
+    read_manifest,
+)
 
 GIB = 2**30
 LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
@@ -58,10 +68,10 @@ def make_engine(**changes) -> EngineInfo:
 
 def test_profiles_cover_prefill_and_decode_for_llama_7b():
     prefill, decode = trt_build.optimization_profiles(LLAMA_7B, 3072, 4)
-    assert prefill == EngineProfile("prefill", (1, 1, 1), (1, 512, 2500), (0, 0, 3071))
+    assert prefill == EngineProfile("prefill", (1, 1, 1), (1, 128, 512), (0, 0, 3071))
     assert decode == EngineProfile("decode", (1, 4, 4), (1, 1, 1), (0, 1536, 3071))
-    small, _ = trt_build.optimization_profiles(LLAMA_7B, 256, 1)  # context below the input limit caps prefill
-    assert small.seq == (1, 256, 256) and small.past == (0, 0, 255)
+    small, _ = trt_build.optimization_profiles(LLAMA_7B, 256, 1)  # a context below the chunk bound caps prefill
+    assert small.seq == (1, 128, 256) and small.past == (0, 0, 255)
 
 
 def test_profile_shapes_keep_the_mask_at_past_plus_seq_at_every_point():
@@ -72,7 +82,7 @@ def test_profile_shapes_keep_the_mask_at_past_plus_seq_at_every_point():
     assert shapes[names.ATTENTION_MASK] == ((1, 1), (4, 1537), (4, 3072))
     assert shapes[names.past_value_name(31)] == ((1, 32, 0, 128), (4, 32, 1536, 128), (4, 32, 3071, 128))
     prefill_shapes = trt_build.profile_shapes(LLAMA_7B, prefill)
-    assert prefill_shapes[names.ATTENTION_MASK] == ((1, 1), (1, 512), (1, 3071 + 2500))
+    assert prefill_shapes[names.ATTENTION_MASK] == ((1, 1), (1, 128), (1, 3071 + 512))
     for lo, opt, hi in prefill_shapes.values():  # one batch range for every input, as TensorRT requires
         assert (lo[0], opt[0], hi[0]) == prefill.batch
 

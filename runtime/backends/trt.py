@@ -15,34 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from llmpack.runtime.cuda_device import GPU_EXTRA, CudaDevice, GpuInfo, probe_gpu
-from llmpack.runtime.device_kv import Binding, DeviceKvBackend, Step, fit_slots
+from llmpack.runtime.backends.cuda_device import GPU_EXTRA, CudaDevice, GpuInfo, probe_gpu, tensorrt_version
+from llmpack.runtime.backends.device_kv import Binding, DeviceKvBackend, Step, fit_slots
 from llmpack.runtime.errors import ArtifactError, BackendError
-from llmpack.runtime.manifest import STANDARD_GRAPH, BuildManifest, EngineProfile, sha256_file
+from llmpack.runtime.manifest import BuildManifest, EngineProfile, sha256_file
 
 log = logging.getLogger("llmpack.runtime")
 
 RESERVE_BYTES = 1 << 30  # left free after the KV cache: cuBLAS workspaces, the logits, fragmentation
-
-
-def tensorrt_version() -> str | None:
-    """TensorRT's version, or None when it cannot be imported here."""
-    try:
-        import tensorrt
-    except (ImportError, OSError):  # OSError: the wheel is there, its CUDA libraries are not
-        return None
-    return tensorrt.__version__
-
-
-def graph_problem(graph_flavour: str, quantized: bool) -> str | None:
-    """TensorRT's ONNX parser takes plain ONNX ops only: not ONNX Runtime's contrib ops."""
-    if graph_flavour != STANDARD_GRAPH:
-        return (f"TensorRT cannot parse the {graph_flavour!r} graph (ONNX Runtime contrib ops); "
-                "build the standard graph for --engine trt")
-    if quantized:
-        return ("TensorRT cannot parse the --quant graph (MatMulNBits, an ONNX Runtime contrib op); "
-                "build it without --quant")
-    return None
 
 
 def rebuild_command(manifest: BuildManifest, artifact: Path | str) -> str:

@@ -1,6 +1,6 @@
-"""Serving stage 4: the FastAPI app — Workers AI routes, probes and metrics over the engine.
+"""Serve wing: the FastAPI app — Workers AI routes, probes and metrics over the engine.
 
-Thin on purpose: each route is parse (protocol) → admit (scheduler) → wire format (protocol), and
+Thin on purpose: each route is parse (protocol) → ids (engine, once) → admit (admission) → wire format, and
 all generation behaviour comes from the engine. The OpenAI-compatible routes live in openai_api.
 """
 
@@ -12,23 +12,36 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse, Response
 
-from llmpack.runtime import openapi_doc as doc
-from llmpack.runtime import openai_api
 from llmpack.runtime.errors import LlmpackError
-from llmpack.runtime.http_edge import (ApiKeyMiddleware, MetricsMiddleware, UnknownModel, install_error_handlers,
-                                       json_response, read_json)
-from llmpack.runtime.metrics import CONTENT_TYPE, Metrics
-from llmpack.runtime.protocol import (MODEL_NAME, SSE_DONE, GenerationRequest, completion_json, parse_request,
-                                      sse_event, sse_usage_event)
-from llmpack.runtime.scheduler import Scheduler
-from llmpack.runtime.streaming import EventStreamResponse, Generation, admit, error_event
+from llmpack.runtime.request import GenerationRequest
+from llmpack.runtime.serve import openai_api
+from llmpack.runtime.serve import openapi_doc as doc
+from llmpack.runtime.serve.admission import Admission
+from llmpack.runtime.serve.http_edge import (
+    ApiKeyMiddleware,
+    MetricsMiddleware,
+    UnknownModel,
+    install_error_handlers,
+    json_response,
+    read_json,
+)
+from llmpack.runtime.serve.metrics import CONTENT_TYPE, Metrics
+from llmpack.runtime.serve.protocol import (
+    MODEL_NAME,
+    SSE_DONE,
+    completion_json,
+    parse_request,
+    sse_event,
+    sse_usage_event,
+)
+from llmpack.runtime.serve.settings import ServerSettings
+from llmpack.runtime.serve.streaming import EventStreamResponse, Generation, admit, error_event
 
 log = logging.getLogger("llmpack.server")
 
@@ -37,18 +50,6 @@ log = logging.getLogger("llmpack.server")
 # the prefix cache.
 WARMUP_BODY = {"prompt": "Hello", "max_tokens": 2, "temperature": 0}
 _PADDING = "abcdefghijklmnopqrstuvwxyz0123456789" * 2
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    api_key: str | None = None
-    max_queue: int = 64  # requests that may wait while the batch is full; more get 429
-    max_body_bytes: int = 1 << 20
-    body_timeout_s: float = 30.0  # the whole body must arrive within this; a trickling client gets 408
-    stream_padding: bool = False  # Workers AI's random "p" field against token-length side channels
-    retry_after_s: int = 1
-    shutdown_timeout_s: float = 10.0
-    warmup: bool = True
 
 
 def register_prefix_cache(metrics: Metrics, cache) -> None:
@@ -63,14 +64,13 @@ def register_prefix_cache(metrics: Metrics, cache) -> None:
 
 
 class ServerState:
-    """What the routes share: the engine, its scheduler, the metrics and readiness."""
+    """What the routes share: the engine, admission, the metrics and readiness."""
 
     def __init__(self, engine, settings: ServerSettings):
         self.engine = engine
         self.settings = settings
         self.metrics = Metrics()
-        # One worker per batch slot: the engine decodes all of them together in one step.
-        self.scheduler = Scheduler(engine, settings.max_queue, self.metrics, concurrency=engine.max_batch)
+        self.admission = Admission(engine, settings.max_queue, self.metrics)
         register_prefix_cache(self.metrics, engine.prefix_cache)
         # The Workers AI id first: it is what existing clients ask for.
         self.models = tuple(dict.fromkeys((MODEL_NAME, engine.model_name)))
@@ -86,18 +86,18 @@ class ServerState:
         """The decoded JSON body, within the size and time limits (413 / 408 / 415 / 400)."""
         return await read_json(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
 
-    async def read_request(self, request: Request) -> GenerationRequest:
-        """Body → validated request whose prompt fits the input limit (400 / 3030 before it queues)."""
+    async def read_request(self, request: Request) -> tuple[GenerationRequest, list[int]]:
+        """Body → validated request and its prompt ids, within the input limit (400 / 3030 before it queues)."""
         parsed = parse_request(await self.body(request))
-        await self.prompt_ids(parsed)
-        return parsed
+        return parsed, await self.prompt_ids(parsed)
 
     async def prompt_ids(self, parsed: GenerationRequest) -> list[int]:
-        # Tokenizing a long conversation takes a while: keep it off the event loop.
-        return await run_in_threadpool(self.engine.prompt_ids, parsed)
+        # Tokenizing a long conversation takes a while: keep it off the event loop. Done once per request:
+        # the ids travel with it to the engine.
+        return await run_in_threadpool(self.engine.request_ids, parsed)
 
-    async def admit(self, request: Request, parsed: GenerationRequest) -> Generation:
-        return await admit(self.scheduler, request, parsed)
+    async def admit(self, request: Request, parsed: GenerationRequest, prompt_ids: list[int]) -> Generation:
+        return await admit(self.admission, request, parsed, prompt_ids, self.engine.tokenizer)
 
     async def drain(self) -> None:
         """On SIGTERM/SIGINT: let in-flight requests finish for shutdown_timeout_s, then cancel the rest.
@@ -107,13 +107,15 @@ class ServerState:
         """
         self.ready, self.not_ready_reason = False, "the server is shutting down"
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
-        while self.scheduler.in_flight and time.monotonic() < deadline:
+        while self.admission.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        await run_in_threadpool(self.scheduler.close, self.settings.shutdown_timeout_s)
+        await run_in_threadpool(self.admission.close, self.settings.shutdown_timeout_s)
 
     async def warm_up(self) -> None:
         try:
-            generation = await admit(self.scheduler, _NoClient(), parse_request(WARMUP_BODY))
+            parsed = parse_request(WARMUP_BODY)
+            generation = await admit(self.admission, _NoClient(), parsed, await self.prompt_ids(parsed),
+                                     self.engine.tokenizer)
             try:
                 await generation.text()
             finally:
@@ -154,8 +156,8 @@ async def run_model_rest(request: Request, account_id: str, model: str) -> Respo
 async def _run(request: Request, model: str, envelope: bool) -> Response:
     state = state_of(request)
     state.check_model(model)
-    parsed = await state.read_request(request)
-    generation = await state.admit(request, parsed)
+    parsed, prompt_ids = await state.read_request(request)
+    generation = await state.admit(request, parsed, prompt_ids)
     if parsed.stream:
         return EventStreamResponse(generation, _workers_events(generation, request.url.path,
                                                                state.settings.stream_padding))
@@ -285,12 +287,11 @@ def _add_workers_routes(app: FastAPI) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     state: ServerState = app.state.llm
-    state.scheduler.start()
     warm_up = asyncio.create_task(state.warm_up()) if state.settings.warmup else None
     if warm_up is None:
         state.ready = True
     yield
     if warm_up is not None:
         warm_up.cancel()
-    # Cancels what is still queued or running and joins the worker, off the loop.
-    await run_in_threadpool(state.scheduler.close, state.settings.shutdown_timeout_s)
+    # Cancels what is still queued or running and waits for the engine to let go of it, off the loop.
+    await run_in_threadpool(state.admission.close, state.settings.shutdown_timeout_s)

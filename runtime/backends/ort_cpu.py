@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from llmpack.runtime import manifest as names
-from llmpack.runtime.kv_batch import KVBatch, as_array
+from llmpack.runtime.backends.kv_batch import KVBatch, as_array
 from llmpack.runtime.errors import ArtifactError, BackendError
 from llmpack.runtime.manifest import BuildManifest
 

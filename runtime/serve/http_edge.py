@@ -19,8 +19,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmpack.runtime.errors import InvalidRequest, LlmpackError, RequestTooLarge
-from llmpack.runtime.metrics import Metrics
-from llmpack.runtime.protocol import decode_json
+from llmpack.runtime.serve.metrics import Metrics
+from llmpack.runtime.serve.protocol import decode_json
 
 log = logging.getLogger("llmpack.server")
 

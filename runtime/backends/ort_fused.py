@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llmpack.runtime import fused_interface as fused
 from llmpack.runtime import manifest as names
+from llmpack.runtime.backends import fused_interface as fused
+from llmpack.runtime.backends.ort_cpu import CpuSessionBackend, load_session
 from llmpack.runtime.errors import ArtifactError, BackendError
 from llmpack.runtime.manifest import BuildManifest
-from llmpack.runtime.ort_backend import CpuSessionBackend, load_session
 
 log = logging.getLogger("llmpack.runtime")
 

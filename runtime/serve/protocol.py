@@ -11,17 +11,17 @@ import copy
 import json
 import math
 import re
-from dataclasses import dataclass
 from importlib import resources
 
 import jsonschema
 
 from llmpack.runtime.errors import InputTooLong, InvalidRequest
+from llmpack.runtime.request import GenerationRequest, Usage
 from llmpack.runtime.sampling import SamplingParams
-from llmpack.runtime.template import Message, check_messages, check_no_tags
+from llmpack.runtime.template import check_messages, check_no_tags
 
 SPEC_FILE = "spec_llama-2-7b-chat-fp16.json"
-SPEC: dict = json.loads(resources.files("llmpack.runtime").joinpath(SPEC_FILE).read_text(encoding="utf-8"))
+SPEC: dict = json.loads(resources.files("llmpack.runtime.serve").joinpath(SPEC_FILE).read_text(encoding="utf-8"))
 MODEL_NAME: str = SPEC["model"]
 CONTEXT_LIMIT: int = SPEC["properties"]["context_length_limit"]
 INPUT_LIMIT: int = SPEC["properties"]["sequence_length_limit"]
@@ -29,37 +29,13 @@ INPUT_LIMIT: int = SPEC["properties"]["sequence_length_limit"]
 _PROMPT_BRANCH, _MESSAGES_BRANCH = SPEC["input_schema"]["oneOf"]
 DEFAULT_MAX_TOKENS: int = _PROMPT_BRANCH["properties"]["max_tokens"]["default"]
 
+# What the engine is told to enforce for this API (EngineOptions fields): 3072 tokens of context, 2500 of input.
+ENGINE_LIMITS = {"context_limit": CONTEXT_LIMIT, "input_limit": INPUT_LIMIT}
+
 SSE_DONE = b"data: [DONE]\n\n"
 
 _FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
 _INT_FIELDS = ("top_k", "seed")
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str | None
-    messages: tuple[Message, ...] | None
-    raw: bool
-    stream: bool
-    max_tokens: int
-    sampling: SamplingParams
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-        }
 
 
 def _branch_validator(branch: dict) -> jsonschema.Draft202012Validator:

@@ -100,3 +100,12 @@ class CudaDevice:
             cuda_call(self.rt.cudaFree(pointer))
         self._allocations.clear()
         cuda_call(self.rt.cudaStreamDestroy(self.stream))
+
+
+def tensorrt_version() -> str | None:
+    """TensorRT's version, or None when it cannot be imported here."""
+    try:
+        import tensorrt
+    except (ImportError, OSError):  # OSError: the wheel is there, its CUDA libraries are not
+        return None
+    return tensorrt.__version__

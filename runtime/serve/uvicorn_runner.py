@@ -16,19 +16,13 @@ import logging
 import signal
 import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from llmpack.runtime.serve.settings import ConnectionLimits
+
 log = logging.getLogger("llmpack.server")
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    keep_alive_s: float = 5.0  # uvicorn's timeout_keep_alive: a silent keep-alive connection is closed
-    head_timeout_s: float = 10.0  # request line + headers must arrive within this, from connect or last response
-    limit_concurrency: int | None = None  # uvicorn's: connections + requests at once, beyond it a plain 503
 
 
 class GuardedH11Protocol(H11Protocol):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmpack.runtime import manifest as names
-from llmpack.runtime.cuda_device import ALIGN
+from llmpack.runtime.backends.cuda_device import ALIGN
 from llmpack.runtime.errors import ArtifactError, BackendError
 from llmpack.runtime.manifest import BuildManifest
 

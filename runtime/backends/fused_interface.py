@@ -6,9 +6,10 @@ here (runtime side, so serving needs no export code). The standard flavour's nam
 
 from __future__ import annotations
 
-from llmpack.runtime.manifest import FUSED_GRAPH as FLAVOUR
-from llmpack.runtime.manifest import GRAPH_FLAVOURS as FLAVOURS
-from llmpack.runtime.manifest import STANDARD_GRAPH as STANDARD
+# Re-exported: the fused contract names its own flavour and the others beside its tensor names.
+from llmpack.runtime.manifest import FUSED_GRAPH as FLAVOUR  # noqa: F401
+from llmpack.runtime.manifest import GRAPH_FLAVOURS as FLAVOURS  # noqa: F401
+from llmpack.runtime.manifest import STANDARD_GRAPH as STANDARD  # noqa: F401
 from llmpack.runtime.manifest import BuildManifest, ModelConfig
 
 # GroupQueryAttention's per-row cache bookkeeping: after a step a row holds seqlens_k + 1 tokens.

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from llmpack.runtime import manifest as names
-from llmpack.runtime.cuda_device import GPU_EXTRA, CudaDevice
-from llmpack.runtime.device_kv import Binding, DeviceKvBackend, Step, fit_slots
+from llmpack.runtime.backends.cuda_device import GPU_EXTRA, CudaDevice
+from llmpack.runtime.backends.device_kv import Binding, DeviceKvBackend, Step, fit_slots
 from llmpack.runtime.errors import ArtifactError
 from llmpack.runtime.manifest import BuildManifest
 

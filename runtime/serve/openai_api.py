@@ -1,4 +1,4 @@
-"""Serving stage 4 (OpenAI side): /v1/chat/completions, /v1/completions and /v1/models over the same engine.
+"""Serve wing (OpenAI side): /v1/chat/completions, /v1/completions and /v1/models over the same engine.
 
 An OpenAI body is checked against the schema the OpenAPI document shows, mapped onto a Workers AI
 body and validated by protocol.parse_request like any other request, so both APIs share one set of
@@ -14,12 +14,12 @@ import jsonschema
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from llmpack.runtime import openapi_doc as doc
 from llmpack.runtime.errors import InvalidRequest, LlmpackError
-from llmpack.runtime.http_edge import json_response
-from llmpack.runtime.protocol import SSE_DONE, Usage, parse_request, sse_event
-from llmpack.runtime.scheduler import Finished
-from llmpack.runtime.streaming import EventStreamResponse, Generation, StopFilter, error_event
+from llmpack.runtime.request import Usage
+from llmpack.runtime.serve import openapi_doc as doc
+from llmpack.runtime.serve.http_edge import json_response
+from llmpack.runtime.serve.protocol import SSE_DONE, parse_request, sse_event
+from llmpack.runtime.serve.streaming import EventStreamResponse, Finished, Generation, StopFilter, error_event
 
 _SAMPLING = tuple(doc.SAMPLING_PROPERTIES)
 _CHAT_VALIDATOR = jsonschema.Draft202012Validator(doc.CHAT_REQUEST_SCHEMA)
@@ -118,10 +118,10 @@ async def _complete(request: Request, chat: bool) -> Response:
                       _CHAT_VALIDATOR if chat else _COMPLETION_VALIDATOR)
     state.check_model(body["model"])
     parsed = parse_request(to_workers_body(body, chat))
-    await state.prompt_ids(parsed)
+    prompt_ids = await state.prompt_ids(parsed)
     stop = body.get("stop")
     stops = StopFilter([stop] if isinstance(stop, str) else stop or ())
-    generation = await state.admit(request, parsed)
+    generation = await state.admit(request, parsed, prompt_ids)
     reply = Reply(chat, body["model"])
     if parsed.stream:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-from llmpack.runtime.protocol import SPEC
 from llmpack.runtime.sampling import SEED_MAX, SEED_MIN, SamplingParams
+from llmpack.runtime.serve.protocol import SPEC
 
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(SamplingParams)}
 

@@ -1,0 +1,41 @@
+"""Engine core: what a caller asks of the engine (a validated request) and what it reports back (usage).
+
+The serve wing parses wire bodies into these; the engine, the CLI and the benchmarks use them without
+knowing any wire format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmpack.runtime.sampling import SamplingParams
+from llmpack.runtime.template import Message
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A request already checked against its schema: `messages` hold checked roles (template.check_messages)."""
+
+    prompt: str | None
+    messages: tuple[Message, ...] | None
+    raw: bool
+    stream: bool
+    max_tokens: int
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }

@@ -1,0 +1,1 @@
+"""Serve wing: HTTP routes, the Workers AI wire format, SSE, admission and metrics over one engine."""
