@@ -8,7 +8,7 @@ FUZZ_EXAMPLES ?= 300
 FUZZ_SEED ?=
 SOAK_SECONDS ?= 180
 
-.PHONY: install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-huge-pages bench-int4-kernel bench-step-costs gpu-check clean bench bench-variants bench-peers
+.PHONY: bench-llama-server bench-served install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-huge-pages bench-int4-kernel bench-step-costs gpu-check clean bench bench-variants bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,7 @@ export-7b-shape: install
 # Benchmark model: random weights in the stories110M shape (hidden 768, 12 layers, vocab 32000), fp32.
 bench-model: install
 	$(BIN)/python -m llmpack.export.random_checkpoint --shape stories110m --out artifacts/.sources/stories110m-shape
-	$(BIN)/llm-export build --model artifacts/.sources/stories110m-shape --out artifacts/bench-110m
+	$(BIN)/llm-export build --model artifacts/.sources/stories110m-shape --out artifacts/bench-110m --graph standard
 
 bench-decode-paths: bench-model
 	$(BIN)/python bench/decode_paths.py artifacts/bench-110m
@@ -103,7 +103,7 @@ GENAI := $(PEERS)/genai/bin/python
 bench-variants: bench-model
 	$(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-fp32 --graph ort-fused
 	for q in int8 int4; do \
-	    $(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-std-$$q --quant $$q && \
+	    $(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-std-$$q --graph standard --quant $$q && \
 	    $(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-$$q --graph ort-fused --quant $$q \
 	    || exit 1; done
 
@@ -136,6 +136,43 @@ $(LLAMACPP_STAMP): $(LLAMACPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py
 	$(PEERS)/llamacpp/bin/pip install -q torch==2.13.0 transformers sentencepiece safetensors protobuf \
 	    $(LLAMACPP_SRC)/vendor/llama.cpp/gguf-py
 	touch $@
+
+# llama.cpp's own HTTP server (and its quantizer) from the same vendored sources, for `make bench-served`: CPU only,
+# native, OpenMP, no BLAS, the web UI neither built nor downloaded (LLAMA_BUILD_UI=OFF, LLAMA_USE_PREBUILT_UI=OFF:
+# the prebuilt one comes from a hub at configure time), no OpenSSL; ~10 min on 2 cores, niced.
+LLAMA_SERVER := $(PEERS)/llamacpp-build/bin/llama-server
+LLAMA_QUANTIZE := $(PEERS)/llamacpp-build/bin/llama-quantize
+
+$(LLAMA_SERVER) $(LLAMA_QUANTIZE) &: $(LLAMACPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py
+	cmake -S $(LLAMACPP_SRC)/vendor/llama.cpp -B $(PEERS)/llamacpp-build -DCMAKE_BUILD_TYPE=Release \
+	    -DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_OPENMP=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+	    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF > /dev/null
+	nice -n 19 cmake --build $(PEERS)/llamacpp-build --target llama-server llama-quantize -j 2 > /dev/null
+	touch $(LLAMA_SERVER) $(LLAMA_QUANTIZE)
+
+bench-llama-server: $(LLAMA_SERVER)
+
+# GGUF q8_0 / q4_0 of bench-110m for llama-server: the sdist's converter (run with llmpack's venv, which has torch
+# and transformers, and the vendored gguf-py) to f32, then llama.cpp's own llama-quantize with its defaults.
+SERVED_GGUF := $(PEERS)/models/llama-server-110m
+
+$(SERVED_GGUF)-f32.gguf: $(LLAMACPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py | bench-model
+	mkdir -p $(PEERS)/models
+	PYTHONPATH=$(LLAMACPP_SRC)/vendor/llama.cpp/gguf-py nice -n 19 $(BIN)/python \
+	    $(LLAMACPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py $(SRC_110M) --outtype f32 --outfile $@.tmp && mv $@.tmp $@
+
+$(SERVED_GGUF)-q8_0.gguf $(SERVED_GGUF)-q4_0.gguf: $(SERVED_GGUF)-%.gguf: $(SERVED_GGUF)-f32.gguf $(LLAMA_QUANTIZE)
+	nice -n 19 $(LLAMA_QUANTIZE) $< $@.tmp $(subst q,Q,$*) > /dev/null && mv $@.tmp $@
+
+# What the server costs (issue: served decode >= 0.95x the engine's own): the ort-fused fp32 / int8 / int4
+# artifacts in process and through `llm-serve run`, and llama.cpp's llama-server on q8_0 / q4_0, 1 and 8 streaming
+# clients, alternating rounds; writes bench/results/served-vs-engine-<date>.md.
+bench-served: bench-model $(LLAMA_SERVER) $(SERVED_GGUF)-q8_0.gguf $(SERVED_GGUF)-q4_0.gguf
+	for q in fp32 int8 int4; do $(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-$$q \
+	    --graph ort-fused $$( [ $$q = fp32 ] || echo --quant $$q ) || exit 1; done
+	$(BIN)/python bench/served_vs_engine.py artifacts/bench-110m-fused-fp32 artifacts/bench-110m-fused-int8 \
+	    artifacts/bench-110m-fused-int4 --llama-server $(LLAMA_SERVER) \
+	    --gguf q8_0=$(SERVED_GGUF)-q8_0.gguf --gguf q4_0=$(SERVED_GGUF)-q4_0.gguf
 
 # GGUF f32 by the sdist's converter (straight from the HF checkpoint), then q8_0 and q4_0 by llama.cpp's own
 # quantizer (llama_model_quantize, what the llama-quantize tool calls, with its default per-tensor choices:

@@ -247,9 +247,9 @@ def report(results: dict[str, list[list[dict]]], args) -> None:
                   "| tokens | prompt tokens |", "|---|---|---|---|---|---|"]
         for name, rounds in results.items():
             levels = [r[level_index] for r in rounds]
+            each = " / ".join(f"{lv['decode']:.1f}" for lv in levels)
             lines.append(
-                f"| {name} | {statistics.median(lv['decode'] for lv in levels):.1f} "
-                f"({' / '.join(f'{lv['decode']:.1f}' for lv in levels)}) | "
+                f"| {name} | {statistics.median(lv['decode'] for lv in levels):.1f} ({each}) | "
                 f"{statistics.median(lv['aggregate'] for lv in levels):.1f} | "
                 f"{1000 * statistics.median(lv['ttft'] for lv in levels):.1f} | {levels[0]['tokens']:.0f} | "
                 f"{levels[0]['prompt_tokens']} |")
@@ -268,9 +268,10 @@ def ratio_lines(results: dict, level_index: int) -> list[str]:
         decode = [s[level_index]["decode"] / e[level_index]["decode"] for s, e in pairs]
         aggregate = [s[level_index]["aggregate"] / e[level_index]["aggregate"] for s, e in pairs]
         ttft = [1000 * (s[level_index]["ttft"] - e[level_index]["ttft"]) for s, e in pairs]
-        lines.append(f"- {artifact}: served / engine decode {statistics.median(decode):.3f}× "
-                     f"({' / '.join(f'{r:.3f}' for r in decode)}), aggregate {statistics.median(aggregate):.3f}×, "
-                     f"TTFT served − engine {statistics.median(ttft):+.1f} ms ({' / '.join(f'{t:+.1f}' for t in ttft)})")
+        each_decode, each_ttft = " / ".join(f"{r:.3f}" for r in decode), " / ".join(f"{t:+.1f}" for t in ttft)
+        lines.append(f"- {artifact}: served / engine decode {statistics.median(decode):.3f}× ({each_decode}), "
+                     f"aggregate {statistics.median(aggregate):.3f}×, "
+                     f"TTFT served − engine {statistics.median(ttft):+.1f} ms ({each_ttft})")
     return lines
 
 

@@ -63,3 +63,31 @@ def test_the_int4_kernel_bench_runs_the_linears_one_step_reads():
         linears = kernel_bench.linear_shapes(shape, layers=3)
         assert 4 * sum(n * k for _, n, k, _ in linears) == linear_weight_bytes(fp32)
         assert [source for name, _, _, source in linears if name.endswith("down")] == ["h"] * 3
+
+
+def load_bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_soak_judges_the_settled_second_half_whatever_the_length():
+    """Start-up growth that then stays flat passes at 150 s and at 300 s; a steady leak fails at both."""
+    soak = load_bench("soak")
+
+    def settled(t):  # +15 % in the first 60 s, then flat (what a fresh process's first minutes look like)
+        return 160 + 24 * min(t, 60) / 60
+
+    for duration in (150, 300):
+        flat = [(t, 0.0, settled(t)) for t in range(0, duration + 1, 2)]
+        grew, level = soak.second_half_growth(flat, 0, duration)
+        assert abs(grew) < 0.5 and level > 180
+        leak = [(t, 0.0, 160 + 0.5 * t) for t in range(0, duration + 1, 2)]  # 0.5 MiB/s, for ever
+        grew, level = soak.second_half_growth(leak, 0, duration)
+        assert soak.verdicts(soak.Tally(), (grew, level), 0, 0) != []
+        assert soak.verdicts(soak.Tally(), soak.second_half_growth(flat, 0, duration), 0, 0) == []

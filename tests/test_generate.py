@@ -145,3 +145,16 @@ def test_artifact_too_big_for_memory_is_refused_before_loading(demo_artifact, mo
     monkeypatch.setattr(ort_backend, "available_memory", lambda: 1000)
     with pytest.raises(ArtifactError, match=r"needs about .* GiB, 0.0 GiB are available"):
         Engine.load(demo_artifact)
+
+
+def test_the_engine_enforces_the_limits_it_is_given_and_by_default_what_the_backend_holds(demo_artifact):
+    request = parse_request({"prompt": "漢字" * 1000, "raw": True})  # byte fallback: ~6000 tokens in 2000 characters
+    bare = Engine.load(demo_artifact)  # no API in front: the backend's context, one token left for the answer
+    assert (bare.context_limit, bare.input_limit) == (3072, 3071)
+    with pytest.raises(InputTooLong, match="the limit is 3071"):
+        bare.request_ids(request)
+    tight = Engine.load(demo_artifact, EngineOptions(context_limit=64, input_limit=16))
+    with pytest.raises(InputTooLong, match="the limit is 16"):
+        tight.request_ids(request)
+    tokens = list(tight.generate_ids([1] + [5] * 15, 500, GREEDY, stop_ids=()))
+    assert len(tokens) == 64 - 16  # the answer stops where the given context ends, not the backend's
