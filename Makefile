@@ -166,13 +166,13 @@ $(SERVED_GGUF)-q8_0.gguf $(SERVED_GGUF)-q4_0.gguf: $(SERVED_GGUF)-%.gguf: $(SERV
 
 # What the server costs (issue: served decode >= 0.95x the engine's own): the ort-fused fp32 / int8 / int4
 # artifacts in process and through `llm-serve run`, and llama.cpp's llama-server on q8_0 / q4_0, 1 and 8 streaming
-# clients, alternating rounds; writes bench/results/served-vs-engine-<date>.md.
+# clients, 2 rounds of 3 in-process/served pairs (~15 min here); writes bench/results/served-vs-engine-<date>.md.
 bench-served: bench-model $(LLAMA_SERVER) $(SERVED_GGUF)-q8_0.gguf $(SERVED_GGUF)-q4_0.gguf
 	for q in fp32 int8 int4; do $(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-$$q \
 	    --graph ort-fused $$( [ $$q = fp32 ] || echo --quant $$q ) || exit 1; done
 	$(BIN)/python bench/served_vs_engine.py artifacts/bench-110m-fused-fp32 artifacts/bench-110m-fused-int8 \
 	    artifacts/bench-110m-fused-int4 --llama-server $(LLAMA_SERVER) \
-	    --gguf q8_0=$(SERVED_GGUF)-q8_0.gguf --gguf q4_0=$(SERVED_GGUF)-q4_0.gguf
+	    --gguf q8_0=$(SERVED_GGUF)-q8_0.gguf --gguf q4_0=$(SERVED_GGUF)-q4_0.gguf --rounds 2 --pairs 3
 
 # GGUF f32 by the sdist's converter (straight from the HF checkpoint), then q8_0 and q4_0 by llama.cpp's own
 # quantizer (llama_model_quantize, what the llama-quantize tool calls, with its default per-tensor choices:

@@ -1,14 +1,15 @@
 """Benchmark: what the server costs — decode tok/s and TTFT as a streaming HTTP client sees them, beside the
-engine's own in process, in alternating rounds; optionally llama.cpp's own HTTP server on the same machine.
+engine's own in the same process; and llama.cpp's own HTTP server on the same machine.
 
-Every contender runs in a process of its own, started fresh in every round (this VM's memory bandwidth
-differs per process), in an order that rotates per round. All use default options except the prefix
-cache (off: every request computes its whole prompt, so TTFT compares like with like):
-- engine: `Engine.stream` in a child process (no HTTP): the text stream the server sits on;
-- served: `llm-serve run ARTIFACT --prefix-cache-mb 0`, a streaming client in this process on the
-  Workers AI route (one keep-alive connection per client thread, as a real client holds);
-- llama-server (--llama-server BIN --gguf NAME=PATH): llama.cpp's server on the same GGUF files as
-  `make bench-peers` builds, its native /completion route streaming, the same client code.
+This VM's memory bandwidth differs from process to process by up to ±30 %, more than the cost being
+measured, so served and in-process are compared inside ONE process: a worker loads the artifact with
+`llm-serve run`'s defaults (prefix cache off, so every request computes its whole prompt), serves it with
+the same app and uvicorn runner in a thread, and alternates `--pairs` times between
+- engine: `Engine.stream` called in that process (the text stream the server sits on), and
+- served: a client in a separate process streaming from the Workers AI route over loopback (one
+  keep-alive connection per client thread, as a real client holds).
+Every round starts a fresh worker per artifact (and a fresh llama-server per GGUF: --llama-server BIN
+--gguf NAME=PATH, its native /completion route, the same client process code), order rotated.
 Per request: TTFT = request sent → first text; decode tok/s = (completion tokens − 1) / (end − first text).
 Batch 1 is one client; batch N is N clients at once (aggregate tok/s over the wall time).
 Writes bench/results/served-vs-engine-<date><label>.md.
@@ -50,15 +51,25 @@ def request_timing(start: float, first: float | None, end: float, tokens: int) -
     return {"ttft": first - start, "decode": decode, "tokens": tokens}
 
 
-# --- the engine in process (run in a child: `--worker engine`) -----------------------------------
+# --- workers (child processes) -------------------------------------------------------------------
+
+MODES = ("engine", "served", "served-lean")  # in process; httpx + JSON client; http.client, no JSON
+CLIENT_OF = {"served": "llmpack", "served-lean": "lean"}
 
 
-def engine_worker(args) -> None:
+def pair_worker(args) -> None:
+    """One artifact in this process: the server in a thread, and alternately the engine direct / a client process."""
     from llmpack.runtime.engine import Engine, EngineOptions
     from llmpack.runtime.sampling import SamplingParams
     from llmpack.runtime.serve.protocol import ENGINE_LIMITS
+    from llmpack.runtime.serve.server import create_app
+    from llmpack.runtime.serve.settings import ServerSettings
+    from llmpack.runtime.serve.uvicorn_runner import serve
 
     engine = Engine.load(args.artifact, EngineOptions(prefix_cache_mb=0, verify_checksums=False, **ENGINE_LIMITS))
+    port = free_port()
+    app = create_app(engine, ServerSettings())
+    threading.Thread(target=serve, args=(app, "127.0.0.1", port, engine.model_name, 1.0, False), daemon=True).start()
     ids = [engine.tokenizer.bos_id, *engine.tokenizer.encode(args.prompt)]
     greedy = SamplingParams(temperature=0)
 
@@ -70,8 +81,26 @@ def engine_worker(args) -> None:
         return request_timing(start, first, time.perf_counter(), stream.usage.completion_tokens) | \
             {"prompt_tokens": len(ids)}
 
-    print(json.dumps(run_levels(send, args)))
-    engine.close()
+    wait_ready(None, f"http://127.0.0.1:{port}/ready")
+    out = {mode: [] for mode in MODES}
+    for pair in range(args.pairs):
+        for mode in MODES[pair % len(MODES):] + MODES[: pair % len(MODES)]:
+            out[mode].append(run_levels(send, args) if mode == "engine" else
+                             client_process(f"http://127.0.0.1:{port}", CLIENT_OF[mode], args))
+    print(json.dumps(out))
+
+
+def client_worker(args) -> None:
+    request = {"llmpack": llmpack_request, "lean": lean_request, "llama": llama_request}[args.kind]
+    print(json.dumps(run_levels(lambda: request(args.url, args.prompt, args.new_tokens), args)))
+
+
+def client_process(url: str, kind: str, args) -> list[dict]:
+    """The levels as a client in a process of its own sees them (a user's client on the same machine)."""
+    out = subprocess.run([sys.executable, __file__, "--worker", "client", "--url", url, "--kind", kind,
+                          "--prompt", args.prompt, *level_args(args), "unused"],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # --- HTTP contenders ------------------------------------------------------------------------------
@@ -104,10 +133,34 @@ def llmpack_request(base: str, prompt: str, new_tokens: int) -> dict:
         {"prompt_tokens": usage["prompt_tokens"]}
 
 
+def lean_request(base: str, prompt: str, new_tokens: int) -> dict:
+    """llmpack_request with the standard library's http.client and no JSON per event (curl | grep-like): what
+    is left of the served cost once the client itself costs next to nothing (httpx + json: ~0.25 ms of CPU
+    per event here, taken from the same 2 cores the engine runs on)."""
+    import http.client
+
+    if getattr(_local, "lean_base", None) != base:
+        host, port = base.removeprefix("http://").split(":")
+        _local.lean, _local.lean_base = http.client.HTTPConnection(host, int(port), timeout=600), base
+    body = json.dumps({"prompt": prompt, "raw": True, "stream": True, "max_tokens": new_tokens, "temperature": 0})
+    start, first, usage = time.perf_counter(), None, None
+    _local.lean.request("POST", "/ai/run/@cf/meta/llama-2-7b-chat-fp16", body, {"Content-Type": "application/json"})
+    response = _local.lean.getresponse()
+    for line in response:
+        if first is None and line.startswith(b'data: {"response":"') and not line.startswith(b'data: {"response":""'):
+            first = time.perf_counter()
+        elif line.startswith(b'data: {"response":"","usage"'):
+            usage = json.loads(line[6:])["usage"]
+    return request_timing(start, first, time.perf_counter(), usage["completion_tokens"]) | \
+        {"prompt_tokens": usage["prompt_tokens"]}
+
+
 def llama_request(base: str, prompt: str, new_tokens: int) -> dict:
     body = {"prompt": prompt, "stream": True, "n_predict": new_tokens, "temperature": 0, "cache_prompt": False}
     start, first, final = time.perf_counter(), None, {}
-    with client(base).stream("POST", "/completion", json=body) as response:
+    # A new connection per request: llama-server drops a kept-alive connection after a couple of streamed
+    # responses (the next request on it fails with "Server disconnected"); a loopback connect is ~0.1 ms.
+    with client(base).stream("POST", "/completion", json=body, headers={"Connection": "close"}) as response:
         for line in response.iter_lines():
             if not line.startswith("data: "):
                 continue
@@ -131,7 +184,7 @@ def wait_ready(proc: subprocess.Popen, url: str) -> None:
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise SystemExit(f"{proc.args[0]} exited with {proc.returncode}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
@@ -139,18 +192,19 @@ def wait_ready(proc: subprocess.Popen, url: str) -> None:
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    proc.kill()
+    if proc is not None:
+        proc.kill()
     raise SystemExit(f"{url} was not ready in 120 s")
 
 
-def served(command: list[str], ready_path: str, request, args) -> list[dict]:
+def llama_server(command: list[str], args) -> list[dict]:
+    """A fresh llama-server process, measured by a client process."""
     port = free_port()
-    proc = subprocess.Popen([*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "LLMPACK_API_KEY": ""})
+    proc = subprocess.Popen([*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(proc, base + ready_path)
-        return run_levels(lambda: request(base, args.prompt, args.new_tokens), args)
+        wait_ready(proc, base + "/health")
+        return client_process(base, "llama", args)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -165,8 +219,9 @@ def run_levels(send, args) -> list[dict]:
     out = []
     for clients in args.clients:
         start = time.perf_counter()
+        each = max(1, -(-args.requests // clients))  # about --requests in all, at least one per client
         with ThreadPoolExecutor(clients) as pool:
-            jobs = [pool.submit(lambda: [send() for _ in range(args.requests)]) for _ in range(clients)]
+            jobs = [pool.submit(lambda: [send() for _ in range(each)]) for _ in range(clients)]
             results = [r for job in jobs for r in job.result()]
         wall = time.perf_counter() - start
         out.append({"clients": clients, "aggregate": sum(r["tokens"] for r in results) / wall,
@@ -178,22 +233,20 @@ def run_levels(send, args) -> list[dict]:
 
 
 def contenders(args) -> dict:
-    """name → a function running one fresh process of it and returning its levels."""
-    serve = str(Path(sys.executable).with_name("llm-serve"))
+    """name → a function that runs one fresh process of it: {"engine": [levels…], "served": [levels…]} for an
+    artifact (one entry per pair), [levels] for llama-server."""
     found = {}
     for artifact in args.artifacts:
-        def engine(artifact=artifact):
-            out = subprocess.run([sys.executable, __file__, "--worker", "engine", str(artifact), "--prompt",
-                                  args.prompt, *level_args(args)], capture_output=True, text=True, check=True)
+        def pair(artifact=artifact):
+            out = subprocess.run([sys.executable, __file__, "--worker", "pair", str(artifact), "--prompt", args.prompt,
+                                  "--pairs", str(args.pairs), *level_args(args)], capture_output=True, text=True,
+                                 check=True)
             return json.loads(out.stdout.strip().splitlines()[-1])
-        found[f"{artifact.name} engine"] = engine
-        found[f"{artifact.name} served"] = lambda artifact=artifact: served(
-            [serve, "run", str(artifact), "--prefix-cache-mb", "0", "--no-verify-checksums"], "/ready",
-            llmpack_request, args)
+        found[artifact.name] = pair
     for name, path in args.gguf:
-        found[f"llama-server {name}"] = lambda path=path: served(
+        found[f"llama-server {name}"] = lambda path=path: llama_server(
             [args.llama_server, "-m", path, "-t", str(os.cpu_count()), "-c", "3072", "-np", str(max(args.clients)),
-             "--host", "127.0.0.1", "--no-webui"], "/health", llama_request, args)
+             "--host", "127.0.0.1", "--no-webui"], args)
     return found
 
 
@@ -205,73 +258,101 @@ def level_args(args) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifacts", type=Path, nargs="+")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="Fresh processes per contender.")
+    parser.add_argument("--pairs", type=int, default=2, help="Engine / served alternations inside each process.")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--requests", type=int, default=3, help="Requests per client per level.")
+    parser.add_argument("--requests", type=int, default=4,
+                        help="Requests per level: one client sends them all, N clients about requests/N each.")
     parser.add_argument("--clients", type=lambda s: [int(n) for n in s.split(",")], default=[1, 8])
     parser.add_argument("--llama-server", help="llama.cpp's llama-server binary (make bench-llama-server).")
     parser.add_argument("--gguf", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
                         help="NAME=PATH of a GGUF file for --llama-server; repeat.")
     parser.add_argument("--label", default="")
-    parser.add_argument("--worker", choices=["engine"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["pair", "client"], help=argparse.SUPPRESS)
     parser.add_argument("--prompt", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--kind", choices=["llmpack", "lean", "llama"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.artifact = args.artifacts[0]
-        return engine_worker(args)
+        return pair_worker(args) if args.worker == "pair" else client_worker(args)
     args.prompt = prompt_text(args.artifacts[0] / "tokenizer.model", args.prompt_tokens)
     report(run_rounds(contenders(args), args), args)
 
 
-def run_rounds(found: dict, args) -> dict[str, list[list[dict]]]:
+def run_rounds(found: dict, args) -> dict[str, list]:
     names, results = list(found), {name: [] for name in found}
     for round_ in range(args.rounds):
         order = names[round_ % len(names):] + names[: round_ % len(names)]  # each goes first once in a while
         for name in order:
             results[name].append(found[name]())
-            print(f"round {round_ + 1} {name}: " + ", ".join(
-                f"{lv['clients']}c {lv['aggregate']:.1f} tok/s" for lv in results[name][-1]), file=sys.stderr)
+            print(f"round {round_ + 1} {name}: {json.dumps(results[name][-1])[:300]}", file=sys.stderr)
     return results
 
 
-def report(results: dict[str, list[list[dict]]], args) -> None:
+def rows(results: dict[str, list]) -> dict[str, list[list[dict]]]:
+    """contender row → its runs (each a list of levels): an artifact gives '<name> engine' and '<name> served'."""
+    out = {}
+    for name, runs in results.items():
+        if isinstance(runs[0], dict):
+            for mode in MODES:
+                out[f"{name} {mode}"] = [levels for run in runs for levels in run[mode]]
+        else:
+            out[name] = runs
+    return out
+
+
+def report(results: dict[str, list], args) -> None:
     lines = [header("Served vs in-process decode, and llama.cpp's server", "onnxruntime", "numpy", "uvicorn",
                     "fastapi", "httpx"),
-             f"raw prompt of ~{args.prompt_tokens} tokens, {args.new_tokens} new tokens greedy, {args.requests} "
-             f"requests per client per level, {args.rounds} rounds (a fresh process per contender per round, order "
-             f"rotated), prefix cache off, load before the run {os.getloadavg()[0]:.2f}", ""]
-    for level_index, clients in enumerate(args.clients):
+             f"raw prompt of ~{args.prompt_tokens} tokens, {args.new_tokens} new tokens greedy, ~{args.requests} "
+             f"requests per level (at least one per client); {args.rounds} rounds of a fresh process per contender (order rotated), "
+             f"each llmpack process cycling {args.pairs}× through the engine in process and client processes on "
+             f"its server (httpx + JSON per event: 'served'; http.client, no JSON: 'served-lean'); prefix cache off; load before the run {os.getloadavg()[0]:.2f}", ""]
+    table = rows(results)
+    for index, clients in enumerate(args.clients):
         lines += [f"## {clients} client{'s' if clients > 1 else ''}", "",
-                  "| contender | decode tok/s per request (median; rounds) | aggregate tok/s | TTFT ms (median) "
+                  "| contender | decode tok/s per request (median; each run) | aggregate tok/s | TTFT ms (median) "
                   "| tokens | prompt tokens |", "|---|---|---|---|---|---|"]
-        for name, rounds in results.items():
-            levels = [r[level_index] for r in rounds]
-            each = " / ".join(f"{lv['decode']:.1f}" for lv in levels)
+        for name, runs in table.items():
+            levels = [run[index] for run in runs]
+            each = " / ".join(f"{lv['decode']:.0f}" for lv in levels)
             lines.append(
                 f"| {name} | {statistics.median(lv['decode'] for lv in levels):.1f} ({each}) | "
                 f"{statistics.median(lv['aggregate'] for lv in levels):.1f} | "
                 f"{1000 * statistics.median(lv['ttft'] for lv in levels):.1f} | {levels[0]['tokens']:.0f} | "
                 f"{levels[0]['prompt_tokens']} |")
-        lines += ["", *ratio_lines(results, level_index), ""]
+        lines += ["", *ratio_lines(results, index), *peer_lines(table, index), ""]
     write_results("served-vs-engine", lines, args.label)
 
 
-def ratio_lines(results: dict, level_index: int) -> list[str]:
-    """Served / engine per artifact, round by round (each round's pair ran back to back)."""
+def ratio_lines(results: dict[str, list], index: int) -> list[str]:
+    """Served / engine per artifact, pair by pair (each pair ran in one process, back to back)."""
     lines = []
-    for name in results:
-        if not name.endswith(" served"):
+    for name, runs in results.items():
+        if not isinstance(runs[0], dict):
             continue
-        artifact = name.removesuffix(" served")
-        pairs = list(zip(results[name], results[artifact + " engine"]))
-        decode = [s[level_index]["decode"] / e[level_index]["decode"] for s, e in pairs]
-        aggregate = [s[level_index]["aggregate"] / e[level_index]["aggregate"] for s, e in pairs]
-        ttft = [1000 * (s[level_index]["ttft"] - e[level_index]["ttft"]) for s, e in pairs]
-        each_decode, each_ttft = " / ".join(f"{r:.3f}" for r in decode), " / ".join(f"{t:+.1f}" for t in ttft)
-        lines.append(f"- {artifact}: served / engine decode {statistics.median(decode):.3f}× ({each_decode}), "
-                     f"aggregate {statistics.median(aggregate):.3f}×, "
-                     f"TTFT served − engine {statistics.median(ttft):+.1f} ms ({each_ttft})")
+        for mode in MODES[1:]:
+            pairs = [(s[index], e[index]) for run in runs for s, e in zip(run[mode], run["engine"])]
+            decode = [s["decode"] / e["decode"] for s, e in pairs]
+            ttft = [1000 * (s["ttft"] - e["ttft"]) for s, e in pairs]
+            each_decode, each_ttft = " / ".join(f"{r:.3f}" for r in decode), " / ".join(f"{t:+.1f}" for t in ttft)
+            lines.append(f"- {name}: {mode} / engine decode **{statistics.median(decode):.3f}×** ({each_decode}); "
+                         f"TTFT {mode} − engine {statistics.median(ttft):+.1f} ms ({each_ttft})")
+    return lines
+
+
+def peer_lines(table: dict[str, list[list[dict]]], index: int) -> list[str]:
+    """llmpack served / llama-server at the same weight width (medians of each side's runs)."""
+    lines = []
+    for ours, theirs in (("fp32", "f32"), ("int8", "q8_0"), ("int4", "q4_0")):
+        mine = [n for n in table if n.endswith(f"-{ours} served")]
+        peer = f"llama-server {theirs}"
+        if mine and peer in table:
+            served = statistics.median(run[index]["decode"] for run in table[mine[0]])
+            other = statistics.median(run[index]["decode"] for run in table[peer])
+            lines.append(f"- llmpack {ours} served / {peer}: decode {served / other:.2f}×")
     return lines
 
 

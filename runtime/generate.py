@@ -1,9 +1,10 @@
-"""Generation stage 3: the decode loop in three layers — token iterator → text stream → completion.
+"""Engine core: the decode loop in three layers — token sink/iterator → text stream → completion.
 
 `SequenceState` decides each sequence's next token from its logits (sampling, stop ids, budget);
-the batch scheduler drives many of them at once and feeds each request's `TokenStream`. The CLI,
-the JSON path and the SSE path all sit on `TextStream`, so streamed and non-streamed answers are
-the same bytes by construction.
+the batch scheduler drives many of them at once and hands each new token to its sequence's
+`TokenSink`: a blocking `TokenStream` for the CLI and benchmarks (under `TextStream`), or the serve
+wing's loop sink (serve/admission.py), whose request detokenizes with the same StreamingDetokenizer.
+So streamed and non-streamed answers, CLI and server, are the same text by construction.
 """
 
 from __future__ import annotations

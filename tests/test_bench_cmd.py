@@ -76,18 +76,16 @@ def load_bench(name: str):
     return module
 
 
-def test_the_soak_judges_the_settled_second_half_whatever_the_length():
-    """Start-up growth that then stays flat passes at 150 s and at 300 s; a steady leak fails at both."""
+def test_the_soak_judges_idle_readings_of_the_second_half_and_fits_its_samples():
+    """The verdict compares idle readings at the middle and the end; a flat curve with early growth fits ~0."""
     soak = load_bench("soak")
-
-    def settled(t):  # +15 % in the first 60 s, then flat (what a fresh process's first minutes look like)
-        return 160 + 24 * min(t, 60) / 60
-
+    grew, level = soak.quiescent_growth(middle=(150.0, 30.0), end=(175.0, 45.0))  # (RSS, prefix cache) MiB
+    assert (grew, level) == (10.0, 120.0) and soak.verdicts(soak.Tally(), (grew, level), 0, 0) == []
+    assert soak.verdicts(soak.Tally(), soak.quiescent_growth((150.0, 30.0), (190.0, 45.0)), 0, 0) != []  # +20.8 %
     for duration in (150, 300):
-        flat = [(t, 0.0, settled(t)) for t in range(0, duration + 1, 2)]
-        grew, level = soak.second_half_growth(flat, 0, duration)
-        assert abs(grew) < 0.5 and level > 180
-        leak = [(t, 0.0, 160 + 0.5 * t) for t in range(0, duration + 1, 2)]  # 0.5 MiB/s, for ever
-        grew, level = soak.second_half_growth(leak, 0, duration)
-        assert soak.verdicts(soak.Tally(), (grew, level), 0, 0) != []
-        assert soak.verdicts(soak.Tally(), soak.second_half_growth(flat, 0, duration), 0, 0) == []
+        settled = [(t, 0.0, 160 + 24 * min(t, 60) / 60) for t in range(0, duration + 1, 2)]
+        fitted, at = soak.second_half_growth(settled, 0, duration)
+        assert abs(fitted) < 0.5 and at > 180
+        leak = [(t, 0.0, 160 + 0.5 * t) for t in range(0, duration + 1, 2)]
+        fitted, at = soak.second_half_growth(leak, 0, duration)
+        assert abs(fitted - 0.5 * duration / 2) < 1
