@@ -203,6 +203,22 @@ def test_tokens_ready_together_cross_in_one_wake_up(tokenizer):
     assert ids == answer_ids(tokenizer) and end == ("length", None)
 
 
+def test_tokens_taken_together_keep_the_pieces_the_cli_prints(tokenizer):
+    """Coalesced tokens still give one piece per token (the CLI's event boundaries), in one batch to write."""
+    async def scenario():
+        engine = scripted_engine(tokenizer)
+        admission = Admission(engine, max_queue=4)
+        generation = admit(admission, 0)
+        time.sleep(0.5)  # the loop is blocked: all three tokens arrive before it takes any
+        batches = [batch async for batch in generation.batches()]
+        cli = list(engine.stream([1, 0, 5], 3, GREEDY3.sampling))
+        engine.close()
+        return batches, cli
+
+    batches, cli = asyncio.run(scenario())
+    assert batches == [cli] and len(cli) == 3
+
+
 @pytest.mark.parametrize("stops,pieces,sent,stopped", [
     (["END"], ["abc", "E", "N", "Dxyz"], "abc", True),
     (["END"], ["abc", "EN", "x"], "abcENx", False),
@@ -304,10 +320,12 @@ def test_a_generation_that_fails_before_any_text_gets_a_500_json(flaky_server, p
 
 
 def test_a_generation_that_fails_midway_ends_its_stream_with_an_error_event(flaky_server):
-    plain = httpx.post(flaky_server + "/ai/run/demo", json={"prompt": "FAIL@3 later", "max_tokens": 8})
+    # Greedy: the same tokens every run, so text has come before the failing step (with sampling, a run whose
+    # first tokens are parts of one character has no text yet, and rightly gets a 500 JSON instead).
+    body = {"prompt": "FAIL@6 later", "max_tokens": 12, "temperature": 0}
+    plain = httpx.post(flaky_server + "/ai/run/demo", json=body)
     assert plain.status_code == 500 and plain.json()["errors"][0]["code"] == 5000
-    streamed = httpx.post(flaky_server + "/ai/run/demo",
-                          json={"prompt": "FAIL@3 later", "max_tokens": 8, "stream": True})
+    streamed = httpx.post(flaky_server + "/ai/run/demo", json={**body, "stream": True})
     events, done = parse_sse(streamed.content)
     assert streamed.status_code == 200 and not done  # no [DONE]: the client can tell it is incomplete
     assert events[:-1] and all(set(e) == {"response"} for e in events[:-1]) and events[-1]["success"] is False

@@ -172,8 +172,9 @@ async def _run(request: Request, model: str, envelope: bool) -> Response:
 async def _workers_events(generation: Generation, path: str, padding: bool):
     """Workers AI's exact stream: one event per piece, the usage event, then [DONE]."""
     try:
-        async for piece in generation.pieces():
-            yield sse_event(_padded({"response": piece}) if padding else {"response": piece})
+        async for batch in generation.batches():  # the events of tokens that arrived together: one write
+            yield b"".join(sse_event(_padded({"response": piece}) if padding else {"response": piece})
+                           for piece in batch)
     except LlmpackError as exc:
         yield error_event(path, exc)
         return

@@ -4,7 +4,8 @@ The request waits for its sequence's first text before answering, so a failure b
 bad prompt, a backend error at prefill) still gets a real status code instead of a 200 with a
 broken stream. From then on the client's disconnect cancels the sequence between tokens. Tokens are
 detokenized here, on the event loop, as they arrive from the batch thread (admission.LoopTokens):
-each piece is the text of the tokens that were ready together.
+one piece per token that completes text, exactly the pieces `llm-serve infer` prints, handed on in
+batches of those that arrived together so a stream writes them to the socket at once.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Generation:
         self._watcher = watcher
         self._timer = _TokenTimer(admission.metrics)
         self._generated = 0
-        self._held = ""  # text read by first_text() and not yet given out by pieces()
+        self._held: list[str] = []  # pieces read by first_text() and not yet given out
         self.finished: Finished | None = None
 
     async def first_text(self) -> None:
@@ -52,32 +53,40 @@ class Generation:
         while not self._held and self.finished is None:
             self._held = await self._next()
 
-    async def _next(self) -> str:
-        """The text of the tokens that arrived together ('' for none or part of a character)."""
+    async def _next(self) -> list[str]:
+        """The pieces of the tokens that arrived together: one per token that completes text (a token that
+        ends inside a UTF-8 character gives none), as TextStream gives them to the CLI."""
         tokens, end = await self.tokens.take()
         if tokens:
             self._generated += len(tokens)
             self._timer.arrived(len(tokens))
-        text = "".join(self._detokenizer.add(token) for token in tokens)
+        pieces = [piece for piece in map(self._detokenizer.add, tokens) if piece]
         if end is not None:
             reason, error = end
             if error is not None:
                 raise client_error(error)
             if reason == FINISH_CANCELLED and self._admission.closed:
                 raise ShuttingDown("the server shut down before the request finished; send it again")
-            text += self._detokenizer.flush()
+            tail = self._detokenizer.flush()
+            pieces += [tail] if tail else []
             self.finished = Finished(Usage(len(self.tokens.prompt_ids), self._generated), reason)
-        return text
+        return pieces
 
-    async def pieces(self) -> AsyncIterator[str]:
-        """The text, once; raises the client-facing LlmpackError if the generation fails midway."""
-        held, self._held = self._held, ""
+    async def batches(self) -> AsyncIterator[list[str]]:
+        """The text pieces once, in batches of those that arrived together; raises the client-facing
+        LlmpackError if the generation fails midway."""
+        held, self._held = self._held, []
         if held:
             yield held
         while self.finished is None:
-            text = await self._next()
-            if text:
-                yield text
+            pieces = await self._next()
+            if pieces:
+                yield pieces
+
+    async def pieces(self) -> AsyncIterator[str]:
+        async for batch in self.batches():
+            for piece in batch:
+                yield piece
 
     async def text(self) -> str:
         return "".join([piece async for piece in self.pieces()])
