@@ -40,7 +40,6 @@ class BuildOptions:
         return QuantSpec(QUANT_BITS[self.quant], self.block_size, self.accuracy_level, self.symmetric)
 
 
-
 def resolve_graph(options: BuildOptions, for_tensorrt: bool = False) -> BuildOptions:
     """`--graph auto`: the fused graph for ONNX Runtime on the CPU (the fastest there, README), the standard
     one for TensorRT (its parser takes plain ONNX ops only) and for fp16 (the GPU route; fused is fp32)."""
@@ -48,7 +47,6 @@ def resolve_graph(options: BuildOptions, for_tensorrt: bool = False) -> BuildOpt
         return options
     standard = for_tensorrt or options.dtype != "fp32"
     return dataclasses.replace(options, graph=fused.STANDARD if standard else fused.FLAVOUR)
-
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 from llmpack.runtime import manifest as names
 from llmpack.runtime.backends.cuda_device import GPU_EXTRA, GpuInfo, probe_gpu, tensorrt_version
 from llmpack.runtime.backends.huge_pages import back_with_huge_pages, mapped_ranges
+from llmpack.runtime.backends.interface import Backend
 from llmpack.runtime.backends.trt import engine_problem
 from llmpack.runtime.errors import ArtifactError
 from llmpack.runtime.manifest import BuildManifest, check_artifact_files, read_manifest
@@ -95,7 +96,7 @@ def select_backend(requested: str, artifact: Artifact, probes: Probes = Probes()
 
 
 def open_backend(artifact: Artifact, backend: str = "auto", threads: int | None = None, max_batch: int = 1,
-                 probes: Probes = Probes(), mixed_steps: bool = True, huge_pages: bool = True):
+                 probes: Probes = Probes(), mixed_steps: bool = True, huge_pages: bool = True) -> Backend:
     """The backend that will run this artifact; the decode loop sees only the Backend interface.
 
     `huge_pages`: CPU backends move their loaded weights onto 2 MiB pages (runtime/backends/huge_pages.py).

@@ -15,11 +15,10 @@ from pathlib import Path
 from llmpack.runtime.artifact import Artifact, open_artifact, open_backend
 from llmpack.runtime.backends.interface import Backend
 from llmpack.runtime.batch_scheduler import BatchScheduler
-from llmpack.runtime.errors import InputTooLong
 from llmpack.runtime.generate import Completion, TextStream, TokenSink, TokenStream, complete
 from llmpack.runtime.manifest import DEFAULT_PREFILL_CHUNK
 from llmpack.runtime.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
-from llmpack.runtime.request import GenerationRequest
+from llmpack.runtime.request import GenerationRequest, check_prompt_length
 from llmpack.runtime.sampling import SamplingParams
 from llmpack.runtime.template import DEFAULT_SYSTEM_PROMPT, checked_chat_ids, prompt_ids
 from llmpack.runtime.tokenizer import Tokenizer
@@ -57,12 +56,12 @@ class Engine:
         self.backend = backend
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt or None
-        self.context_limit = min(options.context_limit or backend.context_length, backend.context_length)
-        self.input_limit = min(options.input_limit or self.context_limit, self.context_limit - 1)
         self.stop_ids = artifact.manifest.stop_token_ids
         prefix_cache_mb = options.prefix_cache_mb
         cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
-        self.scheduler = BatchScheduler(backend, options.prefill_chunk, cache, self.context_limit)
+        self.scheduler = BatchScheduler(backend, options.prefill_chunk, cache, options.context_limit)
+        self.context_limit = self.scheduler.context_limit  # at most what the backend holds
+        self.input_limit = min(options.input_limit or self.context_limit, self.context_limit - 1)
         if self.prefix_cache is not None:  # in tokens, what the megabytes mean for this model
             log.info("prefix cache: %d MiB, room for %d tokens of this model's KV cache", prefix_cache_mb,
                      (prefix_cache_mb << 20) // self.scheduler.copies.kv_bytes(1))
@@ -105,11 +104,7 @@ class Engine:
             ids = checked_chat_ids(self.tokenizer, request.messages)
         else:
             ids = prompt_ids(self.tokenizer, request.prompt, request.raw, self.system_prompt, checked=True)
-        if len(ids) > self.input_limit:
-            raise InputTooLong(
-                f"prompt is {len(ids)} tokens, the limit is {self.input_limit}; "
-                "shorten the prompt or the conversation history"
-            )
+        check_prompt_length(len(ids), self.input_limit)
         return ids
 
     def submit(self, sink: TokenSink, max_tokens: int, sampling: SamplingParams, stop_ids=None) -> None:

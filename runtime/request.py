@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmpack.runtime.errors import InputTooLong
 from llmpack.runtime.sampling import SamplingParams
 from llmpack.runtime.template import Message
 
@@ -22,6 +23,15 @@ class GenerationRequest:
     stream: bool
     max_tokens: int
     sampling: SamplingParams
+
+
+def check_prompt_length(prompt_tokens: int, limit: int) -> None:
+    """Refuse a prompt whose encoded length is over the input limit (the engine's, from EngineOptions)."""
+    if prompt_tokens > limit:
+        raise InputTooLong(
+            f"prompt is {prompt_tokens} tokens, the limit is {limit}; shorten the prompt or the "
+            "conversation history"
+        )
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmpack.runtime.errors import InputTooLong, InvalidRequest
+from llmpack.runtime.request import check_prompt_length
 from llmpack.runtime.sampling import SamplingParams
 from llmpack.runtime.serve import protocol
 from llmpack.runtime.serve.protocol import (
@@ -16,7 +17,6 @@ from llmpack.runtime.serve.protocol import (
     SSE_DONE,
     GenerationRequest,
     Usage,
-    check_prompt_length,
     completion_json,
     parse_request,
     sse_event,
@@ -164,9 +164,9 @@ def test_unknown_fields_are_ignored_like_the_schema_allows():
 
 
 def test_input_too_long():
-    check_prompt_length(INPUT_LIMIT)
+    check_prompt_length(INPUT_LIMIT, INPUT_LIMIT)
     with pytest.raises(InputTooLong, match="prompt is 2731 tokens, the limit is 2500") as info:
-        check_prompt_length(2731)
+        check_prompt_length(2731, INPUT_LIMIT)
     assert (info.value.http_status, info.value.api_code) == (400, 3030)
 
 

@@ -15,7 +15,7 @@ from importlib import resources
 
 import jsonschema
 
-from llmpack.runtime.errors import InputTooLong, InvalidRequest
+from llmpack.runtime.errors import InvalidRequest
 from llmpack.runtime.request import GenerationRequest, Usage
 from llmpack.runtime.sampling import SamplingParams
 from llmpack.runtime.template import check_messages, check_no_tags
@@ -211,15 +211,6 @@ def _sampling(body: dict) -> SamplingParams:
             raise InvalidRequest(f"{name}: must be a number, got {_show(value)}")
         fields[name] = value
     return SamplingParams(**fields).validate()
-
-
-def check_prompt_length(prompt_tokens: int, limit: int = INPUT_LIMIT) -> None:
-    """Refuse a prompt whose encoded length is over the service's input limit."""
-    if prompt_tokens > limit:
-        raise InputTooLong(
-            f"prompt is {prompt_tokens} tokens, the limit is {limit}; shorten the prompt or the "
-            "conversation history"
-        )
 
 
 def completion_json(text: str, usage: Usage) -> dict:
