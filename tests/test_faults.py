@@ -14,11 +14,12 @@ import pytest
 from serving import GREEDY, RUN, ServerProcess, metric, parse_sse, wait_until
 
 SHUTDOWN_CODE = 3040  # Workers AI's "capacity" code, with 503: send the request again elsewhere
+DRAIN_S = 120  # far longer than six 1500-token answers take on a slow, loaded CI machine (~4 s here)
 
 
 def one_client(base: str, body: dict) -> tuple[int, bytes]:
     """Status and body of one request read to its end; a cut connection raises instead."""
-    with httpx.Client(base_url=base, timeout=60) as client, client.stream("POST", RUN, json=body) as response:
+    with httpx.Client(base_url=base, timeout=DRAIN_S + 30) as client, client.stream("POST", RUN, json=body) as response:
         return response.status_code, response.read()
 
 
@@ -45,22 +46,24 @@ def run_under_sigterm(server: ServerProcess, bodies: list[dict], in_flight: int)
         wait_until(lambda: metric(httpx.get(server.base + "/metrics").text, "llmpack_requests_in_flight") >= in_flight,
                    timeout=30)
         server.proc.send_signal(signal.SIGTERM)
-        results = [future.result(timeout=60) for future in futures]
+        results = [future.result(timeout=DRAIN_S + 30) for future in futures]
     assert server.proc.wait(timeout=30) == 0, server.log()
     assert "timeout graceful shutdown exceeded" not in server.log()  # uvicorn never had to cut anything
     return [assert_ended_cleanly(status, raw, body["stream"]) for (status, raw), body in zip(results, bodies)]
 
 
-# Neither test depends on machine speed: the drain either waits far longer than 16 tokens take anywhere, or
-# not at all (a request admitted before SIGTERM that is not finished when the drain starts is cancelled).
+# Neither test depends on machine speed: requests long enough to be still in flight when the signal follows
+# their admission (hundreds of decode steps), and a drain that either waits far longer than they take
+# anywhere, or not at all (a request admitted before SIGTERM and not finished when the drain starts is
+# cancelled). 16-token requests were too short: on a fast run all six ended before /metrics saw one.
 
 
 def test_sigterm_lets_in_flight_requests_finish_and_exits_0(demo_artifact, tmp_path):
-    server = ServerProcess(demo_artifact, tmp_path / "serve.log", "--shutdown-timeout", "60", "--max-batch", "2",
+    server = ServerProcess(demo_artifact, tmp_path / "serve.log", "--shutdown-timeout", str(DRAIN_S), "--max-batch", "2",
                            "--max-queue", "8")
-    # 6 requests, 2 running and 4 queued: the drain runs the queued ones too; streamed and not
-    bodies = [{"prompt": f"Go on {n}", "max_tokens": 16, "temperature": 0, "stream": n % 2 == 0} for n in range(6)]
-    assert run_under_sigterm(server, bodies, in_flight=1) == ["done"] * len(bodies)
+    # 6 requests, 2 running and 4 queued when the signal comes: the drain runs the queued ones too; streamed and not
+    bodies = [{"prompt": f"Go on {n}", "max_tokens": 1500, "temperature": 0, "stream": n % 2 == 0} for n in range(6)]
+    assert run_under_sigterm(server, bodies, in_flight=len(bodies)) == ["done"] * len(bodies)
 
 
 def test_sigterm_with_no_drain_time_gives_every_client_a_final_answer_and_exits_0(demo_artifact, tmp_path):
