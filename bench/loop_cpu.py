@@ -5,7 +5,8 @@ Loads the artifact as `llm-serve run` does (prefix cache off), serves it with th
 thread of this process, and streams long answers to a client process on loopback: the event loop
 thread's CPU time (from /proc, so no profiler in the way) and the client process's own, per token, for
 the httpx + JSON client and the http.client client of bench/served_vs_engine.py. `--loop asyncio` hides
-uvloop from uvicorn even where it is installed. Writes bench/results/loop-cpu-<date><label>.md.
+uvloop from uvicorn even where it is installed; `--http h11` serves with uvicorn's h11 protocol even where
+httptools is installed. Writes bench/results/loop-cpu-<date><label>.md.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--loop", choices=["auto", "asyncio"], default="auto")
+    parser.add_argument("--http", choices=["auto", "h11"], default="auto")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     if args.loop == "asyncio":
@@ -54,10 +56,14 @@ def main() -> None:
     import served_vs_engine as bench
 
     from llmpack.runtime.engine import Engine, EngineOptions
+    from llmpack.runtime.serve import uvicorn_runner
     from llmpack.runtime.serve.protocol import ENGINE_LIMITS
     from llmpack.runtime.serve.server import create_app
     from llmpack.runtime.serve.settings import ServerSettings
     from llmpack.runtime.serve.uvicorn_runner import serve
+
+    if args.http == "h11":
+        uvicorn_runner.HttpToolsProtocol = None
 
     engine = Engine.load(args.artifact, EngineOptions(prefix_cache_mb=0, verify_checksums=False, **ENGINE_LIMITS))
     port, ids = bench.free_port(), {}
@@ -81,10 +87,12 @@ def main() -> None:
             loop_seconds = thread_cpu(ids["loop"]) - before
             tokens, client_seconds = json.loads(out.strip().splitlines()[-1])
             rows.append((round_ + 1, kind, 1000 * loop_seconds / tokens, 1000 * client_seconds / tokens))
+    http = "h11" if uvicorn_runner.HttpToolsProtocol is None else "httptools"
     loop_name = "asyncio" if args.loop == "asyncio" else ("uvloop" if _has_uvloop() else "asyncio (no uvloop)")
     lines = [header("CPU per streamed token: the server's event loop and the client", "onnxruntime", "uvicorn",
-                    "starlette", "h11", "httpx"),
-             f"artifact `{args.artifact.name}`, loop {loop_name}, {args.requests} requests × {args.new_tokens} tokens "
+                    "starlette", "h11", "httptools", "httpx"),
+             f"artifact `{args.artifact.name}`, loop {loop_name}, protocol {http}, "
+             f"{args.requests} requests × {args.new_tokens} tokens "
              f"per client run (the loop's CPU includes the warm-up request's 4 tokens)", "",
              "| round | client | event loop ms CPU / token | client process ms CPU / token |", "|---|---|---|---|",
              *(f"| {r} | {kind} | {loop:.3f} | {client:.3f} |" for r, kind, loop, client in rows)]

@@ -24,6 +24,13 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams
 
+    @property
+    def text_chars(self) -> int:
+        """How much text there is to tokenize (the prompt, or every message's content)."""
+        if self.messages is not None:
+            return sum(len(message.content) for message in self.messages)
+        return len(self.prompt or "")
+
 
 def check_prompt_length(prompt_tokens: int, limit: int) -> None:
     """Refuse a prompt whose encoded length is over the input limit (the engine's, from EngineOptions)."""

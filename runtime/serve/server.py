@@ -50,6 +50,7 @@ log = logging.getLogger("llmpack.server")
 # the prefix cache.
 WARMUP_BODY = {"prompt": "Hello", "max_tokens": 2, "temperature": 0}
 _PADDING = "abcdefghijklmnopqrstuvwxyz0123456789" * 2
+INLINE_TOKENIZE_CHARS = 1000  # requests with at most this much text are tokenized on the event loop
 
 
 def register_prefix_cache(metrics: Metrics, cache) -> None:
@@ -92,8 +93,11 @@ class ServerState:
         return parsed, await self.prompt_ids(parsed)
 
     async def prompt_ids(self, parsed: GenerationRequest) -> list[int]:
-        # Tokenizing a long conversation takes a while: keep it off the event loop. Done once per request:
-        # the ids travel with it to the engine.
+        # Done once per request: the ids travel with it to the engine. A long conversation takes a while
+        # to tokenize, so it goes to a worker thread, off the event loop the streams are written from;
+        # a short one is tokenized in place, quicker than the hop (1000 chars: 0.18 ms; the hop ~0.3 ms).
+        if parsed.text_chars <= INLINE_TOKENIZE_CHARS:
+            return self.engine.request_ids(parsed)
         return await run_in_threadpool(self.engine.request_ids, parsed)
 
     async def admit(self, request: Request, parsed: GenerationRequest, prompt_ids: list[int]) -> Generation:
