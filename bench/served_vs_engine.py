@@ -11,7 +11,10 @@ the same app and uvicorn runner in a thread, and alternates `--pairs` times betw
 Every round starts a fresh worker per artifact (and a fresh llama-server per GGUF: --llama-server BIN
 --gguf NAME=PATH, its native /completion route, the same client process code), order rotated.
 Per request: TTFT = request sent → first text; decode tok/s = (completion tokens − 1) / (end − first text).
-Batch 1 is one client; batch N is N clients at once (aggregate tok/s over the wall time).
+Batch 1 is one client; batch N is N clients at once (aggregate tok/s over the wall time). TTFT is also
+measured on its own, with more samples: `--ttft-requests` one-token requests from one client per pair (a
+128-token prefill varies by ±10 % from request to request, which hides a few milliseconds of serving in
+the handful of long requests of a decode level).
 Writes bench/results/served-vs-engine-<date><label>.md.
 """
 
@@ -73,9 +76,9 @@ def pair_worker(args) -> None:
     ids = [engine.tokenizer.bos_id, *engine.tokenizer.encode(args.prompt)]
     greedy = SamplingParams(temperature=0)
 
-    def send() -> dict:
+    def send(new_tokens: int) -> dict:
         start, first = time.perf_counter(), None
-        stream = engine.stream(ids, args.new_tokens, greedy)
+        stream = engine.stream(ids, new_tokens, greedy)
         for _ in stream:
             first = first or time.perf_counter()
         return request_timing(start, first, time.perf_counter(), stream.usage.completion_tokens) | \
@@ -92,7 +95,7 @@ def pair_worker(args) -> None:
 
 def client_worker(args) -> None:
     request = {"llmpack": llmpack_request, "lean": lean_request, "llama": llama_request}[args.kind]
-    print(json.dumps(run_levels(lambda: request(args.url, args.prompt, args.new_tokens), args)))
+    print(json.dumps(run_levels(lambda new_tokens: request(args.url, args.prompt, new_tokens), args)))
 
 
 def client_process(url: str, kind: str, args) -> list[dict]:
@@ -214,14 +217,15 @@ def llama_server(command: list[str], args) -> list[dict]:
 
 
 def run_levels(send, args) -> list[dict]:
-    """Warm-up, then each client count: its requests' timings and the aggregate tok/s."""
-    send()
+    """Warm-up, then each client count: its requests' timings and the aggregate tok/s; last, the TTFT level
+    (clients 0): one client's one-token requests."""
+    send(args.new_tokens)
     out = []
     for clients in args.clients:
         start = time.perf_counter()
         each = max(1, -(-args.requests // clients))  # about --requests in all, at least one per client
         with ThreadPoolExecutor(clients) as pool:
-            jobs = [pool.submit(lambda: [send() for _ in range(each)]) for _ in range(clients)]
+            jobs = [pool.submit(lambda: [send(args.new_tokens) for _ in range(each)]) for _ in range(clients)]
             results = [r for job in jobs for r in job.result()]
         wall = time.perf_counter() - start
         out.append({"clients": clients, "aggregate": sum(r["tokens"] for r in results) / wall,
@@ -229,6 +233,8 @@ def run_levels(send, args) -> list[dict]:
                     "ttft": statistics.median(r["ttft"] for r in results),
                     "tokens": statistics.median(r["tokens"] for r in results),
                     "prompt_tokens": results[0]["prompt_tokens"]})
+    ttfts = [send(1)["ttft"] for _ in range(args.ttft_requests)]
+    out.append({"clients": 0, "ttfts": ttfts, "ttft": statistics.median(ttfts)})
     return out
 
 
@@ -252,7 +258,7 @@ def contenders(args) -> dict:
 
 def level_args(args) -> list[str]:
     return ["--new-tokens", str(args.new_tokens), "--requests", str(args.requests),
-            "--clients", ",".join(map(str, args.clients))]
+            "--clients", ",".join(map(str, args.clients)), "--ttft-requests", str(args.ttft_requests)]
 
 
 def main() -> None:
@@ -265,6 +271,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4,
                         help="Requests per level: one client sends them all, N clients about requests/N each.")
     parser.add_argument("--clients", type=lambda s: [int(n) for n in s.split(",")], default=[1, 8])
+    parser.add_argument("--ttft-requests", type=int, default=12, help="One-token requests per pair for TTFT.")
     parser.add_argument("--llama-server", help="llama.cpp's llama-server binary (make bench-llama-server).")
     parser.add_argument("--gguf", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
                         help="NAME=PATH of a GGUF file for --llama-server; repeat.")
@@ -324,6 +331,7 @@ def report(results: dict[str, list], args) -> None:
                 f"{1000 * statistics.median(lv['ttft'] for lv in levels):.1f} | {levels[0]['tokens']:.0f} | "
                 f"{levels[0]['prompt_tokens']} |")
         lines += ["", *ratio_lines(results, index), *peer_lines(table, index), ""]
+    lines += ttft_lines(results, table, len(args.clients), args.ttft_requests)
     write_results("served-vs-engine", lines, args.label)
 
 
@@ -341,6 +349,26 @@ def ratio_lines(results: dict[str, list], index: int) -> list[str]:
             lines.append(f"- {name}: {mode} / engine decode **{statistics.median(decode):.3f}×** ({each_decode}); "
                          f"TTFT {mode} − engine {statistics.median(ttft):+.1f} ms ({each_ttft})")
     return lines
+
+
+def ttft_lines(results: dict[str, list], table: dict[str, list[list[dict]]], index: int, requests: int) -> list[str]:
+    """The TTFT level: served − engine per pair (median of each side's one-token requests), and every row's."""
+    lines = ["## TTFT (one-token requests, one client)", "",
+             f"{requests} requests per pair and mode; each pair's served − engine is the difference of its two medians", "",
+             "| contender | TTFT ms (median of all requests) | requests |", "|---|---|---|"]
+    for name, runs in table.items():
+        ttfts = [t for run in runs for t in run[index]["ttfts"]]
+        lines.append(f"| {name} | {1000 * statistics.median(ttfts):.1f} | {len(ttfts)} |")
+    lines.append("")
+    for name, runs in results.items():
+        if not isinstance(runs[0], dict):
+            continue
+        for mode in MODES[1:]:
+            diffs = [1000 * (s[index]["ttft"] - e[index]["ttft"])
+                     for run in runs for s, e in zip(run[mode], run["engine"])]
+            lines.append(f"- {name}: TTFT {mode} − engine **{statistics.median(diffs):+.1f} ms** "
+                         f"({' / '.join(f'{d:+.1f}' for d in diffs)})")
+    return [*lines, ""]
 
 
 def peer_lines(table: dict[str, list[list[dict]]], index: int) -> list[str]:
