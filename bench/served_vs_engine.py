@@ -100,10 +100,16 @@ def client_worker(args) -> None:
 
 def client_process(url: str, kind: str, args) -> list[dict]:
     """The levels as a client in a process of its own sees them (a user's client on the same machine)."""
-    out = subprocess.run([sys.executable, __file__, "--worker", "client", "--url", url, "--kind", kind,
-                          "--prompt", args.prompt, *level_args(args), "unused"],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(child([sys.executable, __file__, "--worker", "client", "--url", url, "--kind", kind,
+                             "--prompt", args.prompt, *level_args(args), "unused"]).splitlines()[-1])
+
+
+def child(command: list[str]) -> str:
+    """A worker's stdout; its stderr's tail in the exception when it fails (a bare exit status says nothing)."""
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{command[3]} worker exited with {out.returncode}:\n{out.stderr[-3000:]}")
+    return out.stdout.strip()
 
 
 # --- HTTP contenders ------------------------------------------------------------------------------
@@ -233,7 +239,8 @@ def run_levels(send, args) -> list[dict]:
                     "ttft": statistics.median(r["ttft"] for r in results),
                     "tokens": statistics.median(r["tokens"] for r in results),
                     "prompt_tokens": results[0]["prompt_tokens"]})
-    ttfts = [send(1)["ttft"] for _ in range(args.ttft_requests)]
+    with ThreadPoolExecutor(1) as pool:  # a thread of its own: its own connection (the first request opens it)
+        ttfts = pool.submit(lambda: [send(1)["ttft"] for _ in range(1 + args.ttft_requests)][1:]).result()
     out.append({"clients": 0, "ttfts": ttfts, "ttft": statistics.median(ttfts)})
     return out
 
@@ -244,10 +251,8 @@ def contenders(args) -> dict:
     found = {}
     for artifact in args.artifacts:
         def pair(artifact=artifact):
-            out = subprocess.run([sys.executable, __file__, "--worker", "pair", str(artifact), "--prompt", args.prompt,
-                                  "--pairs", str(args.pairs), *level_args(args)], capture_output=True, text=True,
-                                 check=True)
-            return json.loads(out.stdout.strip().splitlines()[-1])
+            return json.loads(child([sys.executable, __file__, "--worker", "pair", str(artifact), "--prompt",
+                                     args.prompt, "--pairs", str(args.pairs), *level_args(args)]).splitlines()[-1])
         found[artifact.name] = pair
     for name, path in args.gguf:
         found[f"llama-server {name}"] = lambda path=path: llama_server(
