@@ -48,11 +48,18 @@ class ArtifactError(LlmpackError):
 
 
 class InvalidRequest(LlmpackError):
-    """The request breaks the published schema or a rule of the chat template."""
+    """The request breaks the published schema or a rule of the chat template.
+
+    `param` names the offending field where there is one (OpenAI's error body carries it).
+    """
 
     exit_code = 2
     http_status = 400
     api_code = 5006
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class InputTooLong(InvalidRequest):

@@ -124,3 +124,46 @@ def test_raw_stream_is_openai_framing(demo_http):
     assert done and chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
     assert "usage" not in chunks[-1]  # only with stream_options.include_usage
+
+
+@pytest.mark.parametrize("field,value", [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+    ("tool_choice", "required"), ("response_format", {"type": "json_object"}), ("logprobs", True),
+    ("top_logprobs", 3), ("logit_bias", {"42": 100}), ("functions", [{"name": "f"}]),
+    ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}),
+])
+def test_fields_that_would_change_the_answer_are_refused_by_name(client, field, value):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="demo", messages=CHAT, max_tokens=2, extra_body={field: value})
+    assert raised.value.body["message"].startswith(f"{field}: ") and "not supported" in raised.value.message
+    assert raised.value.param == field
+
+
+@pytest.mark.parametrize("field,value", [("best_of", 3), ("echo", True), ("suffix", " the end"), ("logprobs", 0)])
+def test_completion_fields_that_would_change_the_answer_are_refused(client, field, value):
+    # logprobs=0 asks for the sampled tokens' log probabilities: refused though Python finds 0 == False.
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="demo", prompt="Once", max_tokens=2, extra_body={field: value})
+    assert raised.value.param == field and "not supported" in raised.value.message
+
+
+def test_the_neutral_values_of_unsupported_fields_are_accepted(client, workers):
+    neutral = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "logprobs": False,
+               "logit_bias": {}, "modalities": ["text"], "parallel_tool_calls": False, "user": "u1", "n": 1}
+    answer = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=6, temperature=0,
+                                            extra_body=neutral)
+    assert answer.choices[0].message.content == workers({"messages": CHAT, "max_tokens": 6, "temperature": 0})["response"]
+
+
+def test_schema_errors_name_the_param(demo_http):
+    body = {"model": "demo", "messages": CHAT, "temperature": 9}
+    error = demo_http.post("/v1/chat/completions", json=body).json()["error"]
+    assert error["param"] == "temperature" and error["type"] == "invalid_request_error"
+
+
+def test_one_model_by_id(client, demo_http):
+    assert client.models.retrieve("demo").id == "demo"
+    assert client.models.retrieve(WORKERS_MODEL).id == WORKERS_MODEL  # the id holds slashes
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.models.retrieve("gpt-4o")
+    assert "no such model 'gpt-4o'" in raised.value.message

@@ -27,7 +27,8 @@ def test_probes_answer_without_the_key(demo_server):
 
 
 @pytest.mark.parametrize("method,path", [("GET", "/metrics"), ("GET", "/v1/models"), ("POST", RUN), ("POST", REST),
-                                         ("POST", "/tokenize"), ("POST", "/v1/chat/completions"),
+                                         ("POST", "/tokenize"), ("POST", "/detokenize"),
+                                         ("GET", "/v1/models/demo"), ("POST", "/v1/chat/completions"),
                                          ("GET", "/openapi.json"), ("GET", "/no/such/route")])
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", f"Basic {SERVER_API_KEY}",
                                            f"Bearer {SERVER_API_KEY[:-1]}"])
@@ -41,7 +42,8 @@ def test_every_other_route_needs_the_key(demo_server, method, path, authorizatio
         assert response.json()["error"]["type"] == "authentication_error"
     else:
         assert response.json() == {"result": {}, "success": False, "messages": [], "errors": [
-            {"code": 10000, "message": "missing or wrong API key; send the header 'Authorization: Bearer <key>'"}]}
+            {"code": 10000, "message": "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
+             "request_id": response.headers["x-request-id"]}]}
 
 
 # --- Workers AI routes ------------------------------------------------------------------------------
@@ -92,6 +94,22 @@ def test_tokenize_returns_the_ids_the_engine_feeds(demo_http, demo_artifact):
     body = {"messages": [{"role": "user", "content": "Count my tokens"}]}
     expected = Engine.load(demo_artifact).request_ids(parse_request(body))
     assert demo_http.post("/tokenize", json=body).json() == {"tokens": expected, "count": len(expected)}
+
+
+def test_detokenize_gives_back_the_text_of_tokenize(demo_http):
+    text = "Once upon a time, a llama said: héllo 🦙"
+    ids = demo_http.post("/tokenize", json={"prompt": text, "raw": True}).json()["tokens"]
+    assert demo_http.post("/detokenize", json={"tokens": ids}).json() == {"text": text, "count": len(ids)}
+
+
+@pytest.mark.parametrize("body,words", [
+    ({}, '"tokens"'), ({"tokens": "12"}, "tokens: must be a list"), ({"tokens": [1, -1]}, "tokens[1]: -1"),
+    ({"tokens": [True]}, "tokens[0]: True"), ({"tokens": [10**9]}, "is not a token id"),
+    ({"tokens": [1], "skip": True}, "skip: not a field"),
+])
+def test_detokenize_refuses_what_is_not_token_ids(demo_http, body, words):
+    response = demo_http.post("/detokenize", json=body)
+    assert response.status_code == 400 and words in response.json()["errors"][0]["message"], response.text
 
 
 # --- bad input: every status, always the JSON error shape, never a 5xx ------------------------------
@@ -194,8 +212,9 @@ def test_openapi_document_lists_the_routes_and_what_they_accept(demo_http):
     spec = demo_http.get("/openapi.json").json()
     routes = {(path, method) for path, item in spec["paths"].items() for method in item}
     assert routes == {("/ai/run/{model}", "post"), ("/client/v4/accounts/{account_id}/ai/run/{model}", "post"),
-                      ("/tokenize", "post"), ("/health", "get"), ("/ready", "get"), ("/metrics", "get"),
-                      ("/v1/chat/completions", "post"), ("/v1/completions", "post"), ("/v1/models", "get")}
+                      ("/tokenize", "post"), ("/detokenize", "post"), ("/health", "get"), ("/ready", "get"),
+                      ("/metrics", "get"), ("/v1/chat/completions", "post"), ("/v1/completions", "post"),
+                      ("/v1/models", "get"), ("/v1/models/{model}", "get")}
     documented = {path: {method: op["responses"] for method, op in item.items()}
                   for path, item in spec["paths"].items()}
     assert "422" not in json.dumps(documented)  # FastAPI's default; this server answers 400

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmpack.runtime.errors import InvalidRequest, LlmpackError, RequestTooLarge
-from llmpack.runtime.serve.metrics import Metrics
+from llmpack.runtime.serve.access import request_id_of
 from llmpack.runtime.serve.protocol import decode_json
 
 log = logging.getLogger("llmpack.server")
@@ -58,15 +58,21 @@ def json_response(payload: object, status: int = 200, headers: dict | None = Non
     return Response(json_bytes(payload), status_code=status, headers=headers, media_type="application/json")
 
 
-def error_payload(path: str, status: int, code: int, message: str) -> dict:
+def error_payload(path: str, status: int, code: int, message: str, param: str | None = None,
+                  request_id: str | None = None) -> dict:
+    """The error body of the route's API family; `request_id` (the X-Request-ID) rides in the error itself."""
     if path.startswith("/v1/"):
         kind = _OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-        return {"error": {"message": message, "type": kind, "param": None, "code": str(code)}}
-    return {"result": {}, "success": False, "errors": [{"code": code, "message": message}], "messages": []}
+        return {"error": {"message": message, "type": kind, "param": param, "code": str(code),
+                          "request_id": request_id}}
+    return {"result": {}, "success": False, "errors": [{"code": code, "message": message, "request_id": request_id}],
+            "messages": []}
 
 
-def error_response(path: str, status: int, code: int, message: str, headers: dict | None = None) -> Response:
-    return json_response(error_payload(path, status, code, message), status, headers)
+def error_response(scope: Scope, status: int, code: int, message: str, headers: dict | None = None,
+                   param: str | None = None) -> Response:
+    payload = error_payload(scope["path"], status, code, message, param, request_id_of(scope))
+    return json_response(payload, status, headers)
 
 
 def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
@@ -77,7 +83,8 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         if exc.http_status == 408:
             # The client is too slow to send a body: no further request on this connection either.
             headers = {"Connection": "close"}
-        return error_response(request.url.path, exc.http_status, exc.api_code, exc.message, headers)
+        return error_response(request.scope, exc.http_status, exc.api_code, exc.message, headers,
+                              getattr(exc, "param", None))
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         path, allowed = request.url.path, (exc.headers or {}).get("Allow", "another method")
@@ -85,17 +92,17 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         messages = {404: f"no route {path}; see /docs for the routes",
                     405: f"{request.method} is not allowed on {path}; use {allowed}"}
         message = messages.get(exc.status_code, str(exc.detail))
-        return error_response(path, exc.status_code, code, message, exc.headers)
+        return error_response(request.scope, exc.status_code, code, message, exc.headers)
 
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {"loc": ("request",), "msg": "is invalid"}
         where = ".".join(str(part) for part in first.get("loc", ()) if part not in ("body", "path", "query"))
-        return error_response(request.url.path, 400, InvalidRequest.api_code, f"{where or 'request'}: {first['msg']}")
+        return error_response(request.scope, 400, InvalidRequest.api_code, f"{where or 'request'}: {first['msg']}")
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.error("unhandled error on %s", request.url.path, exc_info=exc)
         failure = InternalError("internal error; the server log has the details")
-        return error_response(request.url.path, failure.http_status, failure.api_code, failure.message)
+        return error_response(request.scope, failure.http_status, failure.api_code, failure.message)
 
     app.add_exception_handler(LlmpackError, domain_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
@@ -163,34 +170,5 @@ class ApiKeyMiddleware:
             return
         # The key itself is never logged or echoed.
         message = "missing or wrong API key; send the header 'Authorization: Bearer <key>'"
-        response = error_response(scope["path"], 401, CODE_AUTH, message, {"WWW-Authenticate": "Bearer"})
+        response = error_response(scope, 401, CODE_AUTH, message, {"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
-
-
-class MetricsMiddleware:
-    """Count every response by route template (never the raw path: unbounded labels) and status."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 499  # nginx's "client closed request": no response was started
-
-        async def send_and_watch(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_watch)
-        except Exception:
-            status = 500
-            raise
-        finally:
-            route = scope.get("route")
-            self.metrics.request_done(getattr(route, "path_format", "unmatched"), status)

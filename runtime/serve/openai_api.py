@@ -7,12 +7,14 @@ rules. `stop` strings are cut here: the engine knows only stop ids.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 
 import jsonschema
 from fastapi import FastAPI, Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from llmpack.runtime.errors import InvalidRequest, LlmpackError
 from llmpack.runtime.request import Usage
@@ -31,13 +33,26 @@ def check_body(body: object, validator: jsonschema.Draft202012Validator) -> dict
     """Raise InvalidRequest naming the field and the rule the body breaks."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    refuse_unsupported(body)
     error = jsonschema.exceptions.best_match(validator.iter_errors(body))
     if error is not None:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
         # jsonschema's message quotes the offending value whole: up to the body size, so shortened.
         message = error.message if len(error.message) <= _MESSAGE_MAX else error.message[:_MESSAGE_MAX] + "…"
-        raise InvalidRequest(f"{where or 'request'}: {message}")
+        param = str(error.absolute_path[0]) if error.absolute_path else None
+        raise InvalidRequest(f"{where or 'request'}: {message}", param)
     return body
+
+
+def refuse_unsupported(body: dict) -> None:
+    """A 400 naming the first field that asks for what this server does not do (the schema says the same)."""
+    for name, (neutral, what) in doc.UNSUPPORTED_OPENAI.items():
+        # Compared as JSON: false and 0 are different answers to ask for, though Python finds them equal.
+        if name in body and json.dumps(body[name]) not in map(json.dumps, neutral):
+            raise InvalidRequest(f"{name}: {what} is not supported by this server; remove the field "
+                                 f"(or send {json.dumps(neutral[-1])})", name)
+    if body.get("n") not in (None, 1):
+        raise InvalidRequest("n: one choice per request is supported; send n=1, or several requests", "n")
 
 
 def to_workers_body(body: dict, chat: bool) -> dict:
@@ -125,7 +140,7 @@ async def _complete(request: Request, chat: bool) -> Response:
     reply = Reply(chat, body["model"])
     if parsed.stream:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return EventStreamResponse(generation, _events(generation, reply, stops, include_usage, request.url.path))
+        return EventStreamResponse(generation, _events(generation, reply, stops, include_usage, request.scope))
     try:
         text = await _collect(generation, stops)
     finally:
@@ -142,7 +157,7 @@ async def _collect(generation: Generation, stops: StopFilter) -> str:
     return "".join(parts) + stops.flush()
 
 
-async def _events(generation: Generation, reply: Reply, stops: StopFilter, include_usage: bool, path: str):
+async def _events(generation: Generation, reply: Reply, stops: StopFilter, include_usage: bool, scope: Scope):
     """OpenAI's stream: a role chunk (chat), text chunks, a finish chunk, [usage chunk], [DONE]."""
     try:
         if reply.chat:
@@ -154,7 +169,7 @@ async def _events(generation: Generation, reply: Reply, stops: StopFilter, inclu
             if stops.stopped:
                 generation.stop()
     except LlmpackError as exc:
-        yield error_event(path, exc)
+        yield error_event(scope, exc)
         return
     tail = stops.flush()
     if tail:
@@ -165,11 +180,20 @@ async def _events(generation: Generation, reply: Reply, stops: StopFilter, inclu
     yield SSE_DONE
 
 
+def _model_object(state, name: str) -> dict:
+    return {"id": name, "object": "model", "created": state.started_at, "owned_by": "llmpack"}
+
+
 async def list_models(request: Request) -> Response:
     state = request.app.state.llm
-    data = [{"id": name, "object": "model", "created": state.started_at, "owned_by": "llmpack"}
-            for name in state.models]
-    return json_response({"object": "list", "data": data})
+    return json_response({"object": "list", "data": [_model_object(state, name) for name in state.models]})
+
+
+async def get_model(request: Request, model: str) -> Response:
+    """One model by id (ids may hold slashes, as the Workers id does); 404 for a model this server does not run."""
+    state = request.app.state.llm
+    state.check_model(model)
+    return json_response(_model_object(state, model))
 
 
 def add_routes(app: FastAPI) -> None:
@@ -183,7 +207,10 @@ def add_routes(app: FastAPI) -> None:
     app.add_api_route("/v1/completions", completions, methods=["POST"],
                       openapi_extra=doc.request_body(doc.COMPLETION_REQUEST_SCHEMA),
                       responses={**doc.success_response(chat, streams=True), **errors})
-    models = doc.object_schema({"object": {"const": "list"}, "data": {"type": "array", "items": doc.object_schema(
-        {"id": {"type": "string"}, "object": {"const": "model"}})}})
+    model = doc.object_schema({"id": {"type": "string"}, "object": {"const": "model"}})
+    models = doc.object_schema({"object": {"const": "list"}, "data": {"type": "array", "items": model}})
     app.add_api_route("/v1/models", list_models, methods=["GET"],
                       responses={**doc.success_response(models, streams=False), **doc.error_responses(True, (401,))})
+    app.add_api_route("/v1/models/{model:path}", get_model, methods=["GET"],
+                      responses={**doc.success_response(model, streams=False),
+                                 **doc.error_responses(True, (401, 404))})

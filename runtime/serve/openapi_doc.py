@@ -65,6 +65,28 @@ _COMMON_OPENAI = {
     "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 1},  # one choice per request
 }
 
+# OpenAI fields that would change the answer and that the server does not do: each is accepted only with a
+# value that leaves the answer as if it were absent (null, false, an empty list…), and refused by name
+# otherwise (openai_api.refuse_unsupported) rather than ignored. field → (those values, what it asks for).
+UNSUPPORTED_OPENAI: dict[str, tuple[list, str]] = {
+    "tools": ([None, []], "tool calling"),
+    "tool_choice": ([None, "none", "auto"], "tool calling"),
+    "functions": ([None, []], "function calling"),
+    "function_call": ([None, "none", "auto"], "function calling"),
+    "response_format": ([None, {"type": "text"}], "structured output"),
+    "logprobs": ([None, False], "log probabilities"),
+    "top_logprobs": ([None, 0], "log probabilities"),
+    "logit_bias": ([None, {}], "logit bias"),
+    "best_of": ([None, 1], "best-of sampling"),
+    "echo": ([None, False], "echoing the prompt"),
+    "suffix": ([None, ""], "insertion (suffix)"),
+    "audio": ([None], "audio output"),
+    "modalities": ([None, ["text"]], "other output modalities"),
+    "prediction": ([None], "predicted outputs"),
+    "web_search_options": ([None], "web search"),
+}
+_COMMON_OPENAI.update({name: {"enum": values} for name, (values, _) in UNSUPPORTED_OPENAI.items()})
+
 CHAT_REQUEST_SCHEMA = {
     "type": "object",
     "required": ["model", "messages"],
@@ -106,7 +128,8 @@ _ERROR_ENVELOPE = object_schema({
     "errors": {"type": "array", "minItems": 1,
                "items": object_schema({"code": {"type": "integer"}, "message": {"type": "string"}})}})
 _OPENAI_ERROR = object_schema({"error": object_schema(
-    {"message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": ["string", "null"]}})})
+    {"message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+     "code": {"type": ["string", "null"]}})})
 _ERROR_STATUSES = {400: "Invalid body (the message names the field and the rule)", 401: "Missing or wrong API key",
                    404: "Unknown model", 408: "Body not received within the body timeout",
                    413: "Body over the size limit", 415: "Not a JSON body",

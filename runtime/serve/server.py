@@ -17,15 +17,16 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse, Response
+from starlette.types import Scope
 
 from llmpack.runtime.errors import LlmpackError
 from llmpack.runtime.request import GenerationRequest
-from llmpack.runtime.serve import openai_api
+from llmpack.runtime.serve import openai_api, token_routes
 from llmpack.runtime.serve import openapi_doc as doc
+from llmpack.runtime.serve.access import RequestRecord
 from llmpack.runtime.serve.admission import Admission
 from llmpack.runtime.serve.http_edge import (
     ApiKeyMiddleware,
-    MetricsMiddleware,
     UnknownModel,
     install_error_handlers,
     json_response,
@@ -101,7 +102,9 @@ class ServerState:
         return await run_in_threadpool(self.engine.request_ids, parsed)
 
     async def admit(self, request: Request, parsed: GenerationRequest, prompt_ids: list[int]) -> Generation:
-        return await admit(self.admission, request, parsed, prompt_ids, self.engine.tokenizer)
+        generation = await admit(self.admission, request, parsed, prompt_ids, self.engine.tokenizer)
+        request.state.generation = generation  # its tokens and first-text time go into the access-log line
+        return generation
 
     async def drain(self) -> None:
         """On SIGTERM/SIGINT: let in-flight requests finish for shutdown_timeout_s, then cancel the rest.
@@ -163,7 +166,7 @@ async def _run(request: Request, model: str, envelope: bool) -> Response:
     parsed, prompt_ids = await state.read_request(request)
     generation = await state.admit(request, parsed, prompt_ids)
     if parsed.stream:
-        return EventStreamResponse(generation, _workers_events(generation, request.url.path,
+        return EventStreamResponse(generation, _workers_events(generation, request.scope,
                                                                state.settings.stream_padding))
     try:
         text = await generation.text()
@@ -173,14 +176,14 @@ async def _run(request: Request, model: str, envelope: bool) -> Response:
     return json_response({"result": payload, "success": True, "errors": [], "messages": []} if envelope else payload)
 
 
-async def _workers_events(generation: Generation, path: str, padding: bool):
+async def _workers_events(generation: Generation, scope: Scope, padding: bool):
     """Workers AI's exact stream: one event per piece, the usage event, then [DONE]."""
     try:
         async for batch in generation.batches():  # the events of tokens that arrived together: one write
             yield b"".join(sse_event(_padded({"response": piece}) if padding else {"response": piece})
                            for piece in batch)
     except LlmpackError as exc:
-        yield error_event(path, exc)
+        yield error_event(scope, exc)
         return
     usage = generation.finished.usage
     yield sse_event(_padded({"response": "", "usage": usage.as_dict()})) if padding else sse_usage_event(usage)
@@ -190,13 +193,6 @@ async def _workers_events(generation: Generation, path: str, padding: bool):
 def _padded(payload: dict) -> dict:
     # Random length, so the size of an event no longer tells an observer the length of its token.
     return {**payload, "p": _PADDING[: secrets.randbelow(len(_PADDING) + 1)]}
-
-
-async def tokenize(request: Request) -> Response:
-    """The ids the model would be fed for this body, as `llm-serve tokenize` prints them."""
-    state = state_of(request)
-    ids = await state.prompt_ids(parse_request(await state.body(request)))
-    return json_response({"tokens": ids, "count": len(ids)})
 
 
 # --- probes and metrics ----------------------------------------------------------------------------
@@ -228,12 +224,13 @@ def create_app(engine, settings: ServerSettings = ServerSettings()) -> FastAPI:
         summary=f"{engine.model_name} behind the Workers AI schema of {MODEL_NAME}, plus OpenAI-compatible routes",
         lifespan=_lifespan,
         redoc_url=None,
-        middleware=[Middleware(MetricsMiddleware, metrics=state.metrics),
+        middleware=[Middleware(RequestRecord, metrics=state.metrics),
                     Middleware(ApiKeyMiddleware, api_key=settings.api_key)],
     )
     app.state.llm = state
     install_error_handlers(app, settings.retry_after_s)
     _add_workers_routes(app)
+    token_routes.add_routes(app, doc.request_body(doc.workers_input_schema()), engine.tokenizer.vocab_size)
     openai_api.add_routes(app)
     _document_models(app, state.models)
     return app
@@ -274,11 +271,6 @@ def _add_workers_routes(app: FastAPI) -> None:
     app.add_api_route("/client/v4/accounts/{account_id}/ai/run/{model:path}", run_model_rest, methods=["POST"],
                       openapi_extra=body,
                       responses={**doc.success_response(envelope, streams=True), **doc.error_responses(False)})
-    tokens = doc.object_schema({"tokens": {"type": "array", "items": {"type": "integer"}},
-                                "count": {"type": "integer"}})
-    app.add_api_route("/tokenize", tokenize, methods=["POST"], openapi_extra=body,
-                      responses={**doc.success_response(tokens, streams=False),
-                                 **doc.error_responses(False, (400, 401, 408, 413, 415))})
     app.add_api_route("/health", health, methods=["GET"],
                       responses=doc.success_response(doc.object_schema({"status": {"const": "ok"}}), streams=False))
     ready_yes = doc.object_schema({"ready": {"const": True}, "models": {"type": "array", "items": {"type": "string"}}})

@@ -23,6 +23,7 @@ from llmpack.runtime.detokenizer import StreamingDetokenizer
 from llmpack.runtime.errors import LlmpackError
 from llmpack.runtime.generate import FINISH_CANCELLED
 from llmpack.runtime.request import GenerationRequest, Usage
+from llmpack.runtime.serve.access import request_id_of
 from llmpack.runtime.serve.admission import Admission, LoopTokens, ShuttingDown, client_error
 from llmpack.runtime.serve.http_edge import error_payload
 from llmpack.runtime.serve.metrics import Metrics
@@ -47,11 +48,14 @@ class Generation:
         self._generated = 0
         self._held: list[str] = []  # pieces read by first_text() and not yet given out
         self.finished: Finished | None = None
+        self.first_text_at: float | None = None  # time.monotonic() when the first text reached the loop
 
     async def first_text(self) -> None:
         """Wait for the first text or the end; raises the client-facing error of a failed sequence."""
         while not self._held and self.finished is None:
             self._held = await self._next()
+        if self._held:
+            self.first_text_at = time.monotonic()
 
     async def _next(self) -> list[str]:
         """The pieces of the tokens that arrived together: one per token that completes text (a token that
@@ -161,9 +165,10 @@ class EventStreamResponse(StreamingResponse):
             self.generation.close()
 
 
-def error_event(path: str, error: LlmpackError) -> bytes:
+def error_event(scope: Scope, error: LlmpackError) -> bytes:
     """The last event of a stream that failed after it started: the route's error shape, no [DONE]."""
-    return sse_event(error_payload(path, error.http_status, error.api_code, error.message))
+    return sse_event(error_payload(scope["path"], error.http_status, error.api_code, error.message,
+                                   request_id=request_id_of(scope)))
 
 
 class StopFilter:

@@ -145,7 +145,7 @@ def serve(app, host: str, port: int, description: str, shutdown_timeout_s: float
         # One line of our own says where the server listens; uvicorn's start-up chatter is debug noise.
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     protocol = guarded_protocol(limits.head_timeout_s)
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=verbose, http=protocol,
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, http=protocol,
                             timeout_keep_alive=limits.keep_alive_s, limit_concurrency=limits.limit_concurrency,
                             timeout_graceful_shutdown=shutdown_timeout_s + (FINAL_EVENTS_GRACE_S if drain else 0),
                             lifespan="on")
