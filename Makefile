@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The shipped stories260K (a real trained tiny Llama, MIT): built, verified against PyTorch, and asked for a story.
 demo: install
-	$(BIN)/llm-export build --model demo --out artifacts/demo
-	$(BIN)/llm-export verify artifacts/demo
-	$(BIN)/llm-serve infer artifacts/demo '{"prompt": "Tell me a story about a llama.", "max_tokens": 32, "temperature": 0}'
+	$(BIN)/llm-export build --model stories260k --out artifacts/stories260k
+	$(BIN)/llm-export verify artifacts/stories260k
+	$(BIN)/llm-serve infer artifacts/stories260k '{"prompt": "Once upon a time", "raw": true, "max_tokens": 64, "temperature": 0}'
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

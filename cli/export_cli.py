@@ -24,7 +24,8 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--model", required=True, help="Hugging Face Llama checkpoint folder, or `demo` for the built-in tiny model.")
+@click.option("--model", required=True, help="Hugging Face Llama checkpoint folder; `stories260k` for the shipped trained tiny "
+                   "Llama (readable stories), or `demo` for random weights.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write, e.g. artifacts/NAME.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=BUILD.dtype, show_default=True)
 @click.option("--max-context", type=click.IntRange(min=2), default=BUILD.max_context, show_default=True,

@@ -20,6 +20,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from llmpack.export.checkpoint import Checkpoint, open_checkpoint
@@ -52,8 +53,18 @@ class BuildResult:
     reused: bool
 
 
+# stories260K (llama2.c's, MIT): a real trained 260K-parameter Llama shipped in the package (1 MB), so a fresh
+# install builds a model that answers readable English; export/models/stories260k/README.md has its provenance.
+SHIPPED_MODELS = {"stories260k": "models/stories260k"}
+
+
 def resolve_source(model: str) -> Path:
-    return write_demo_checkpoint(demo_cache_dir()) if model == "demo" else Path(model).expanduser().resolve()
+    """`demo` (random weights, written on first use), a shipped model's name, or a checkpoint folder."""
+    if model == "demo":
+        return write_demo_checkpoint(demo_cache_dir())
+    if model in SHIPPED_MODELS and not Path(model).exists():  # a folder of that name in the cwd wins
+        return Path(str(resources.files("llmpack.export").joinpath(SHIPPED_MODELS[model])))
+    return Path(model).expanduser().resolve()
 
 
 def tool_versions() -> dict[str, str]:
