@@ -180,26 +180,34 @@ def tokenize(artifact, request):
               expose_value=False, callback=_remember(ENGINE_KEY),
               help="Memory for KV copies of recent sequences: a prompt that begins like one of them (the template "
                    "and system prompt, a chat's earlier turns) skips computing that part. 0 turns it off.")
+@click.option("--served-model-name", default=None,
+              help="The model id /v1/models lists and requests may name (default: the artifact's name); "
+                   "the Workers AI id @cf/meta/llama-2-7b-chat-fp16 is always accepted too.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text: 'time LEVEL logger: message' lines; json: one object per line for log shippers.")
 @connection_options
 @engine_options
 @translate_errors
 def run(artifact, host, port, api_key, max_queue, max_body_bytes, stream_padding, shutdown_timeout, max_batch,
-        body_timeout, keep_alive_timeout, head_timeout, limit_concurrency):
+        served_model_name, log_format, body_timeout, keep_alive_timeout, head_timeout, limit_concurrency):
     """Serve ARTIFACT over HTTP: Workers AI and OpenAI-compatible routes, /health, /ready, /metrics."""
     import logging
 
     from llmpack.runtime.serve.server import create_app
-    from llmpack.runtime.serve.uvicorn_runner import serve  # imports uvicorn; fastapi comes with server
+    from llmpack.runtime.serve.uvicorn_runner import listen_socket, serve  # uvicorn; fastapi comes with server
 
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    setup_logging(verbose, log_format, timestamps=True)
+    sock = listen_socket(host, port)  # before the model loads: a taken port fails at once
     engine = load_engine(artifact, max_batch)
     settings = ServerSettings(api_key=api_key or None, max_queue=max_queue, max_body_bytes=max_body_bytes,
                               stream_padding=stream_padding, shutdown_timeout_s=shutdown_timeout,
-                              body_timeout_s=body_timeout)
+                              body_timeout_s=body_timeout, served_model_name=served_model_name)
     app = create_app(engine, settings)
     description = f"model {engine.model_name} (as {' or '.join(app.state.llm.models)})"
-    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     limits = ConnectionLimits(keep_alive_timeout, head_timeout, limit_concurrency)
-    serve(app, host, port, description, shutdown_timeout, verbose, limits, drain=app.state.llm.drain)
+    serve(app, host, port, description, shutdown_timeout, verbose, limits, drain=app.state.llm.drain, sock=sock)
+    logging.getLogger("llmpack.server").info("stopped")
 
 
 main.add_command(bench)

@@ -47,6 +47,12 @@ class ArtifactError(LlmpackError):
     exit_code = 3
 
 
+class ServeError(LlmpackError):
+    """The server cannot start: its address is taken or not allowed."""
+
+    exit_code = 2
+
+
 class InvalidRequest(LlmpackError):
     """The request breaks the published schema or a rule of the chat template.
 

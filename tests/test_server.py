@@ -17,7 +17,8 @@ from serving import GREEDY, LLM_SERVE, REST, RUN, SERVER_API_KEY, WORKERS_MODEL,
 def test_start_up_logs_one_line_with_url_and_model(demo_server):
     log = demo_server.log()
     serving = [line for line in log.splitlines() if "serving" in line]
-    assert serving == [f"INFO llmpack.server: serving model demo (as {WORKERS_MODEL} or demo) on {demo_server.base}"]
+    assert len(serving) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z " + re.escape(
+        f"INFO llmpack.server: serving model demo (as {WORKERS_MODEL} or demo) on {demo_server.base}"), serving[0])
     assert SERVER_API_KEY not in log
 
 

@@ -75,7 +75,7 @@ class ServerState:
         self.admission = Admission(engine, settings.max_queue, self.metrics)
         register_prefix_cache(self.metrics, engine.prefix_cache)
         # The Workers AI id first: it is what existing clients ask for.
-        self.models = tuple(dict.fromkeys((MODEL_NAME, engine.model_name)))
+        self.models = tuple(dict.fromkeys((MODEL_NAME, settings.served_model_name or engine.model_name)))
         self.started_at = int(time.time())
         self.ready = False
         self.not_ready_reason = "the warm-up generation has not finished"
@@ -113,10 +113,14 @@ class ServerState:
         JSON error, or a stream's error event (code 3040), never a connection cut mid-body.
         """
         self.ready, self.not_ready_reason = False, "the server is shutting down"
-        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        timeout = self.settings.shutdown_timeout_s
+        log.info("shutting down: %d requests in flight get up to %g s to finish", self.admission.in_flight, timeout)
+        deadline = time.monotonic() + timeout
         while self.admission.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        await run_in_threadpool(self.admission.close, self.settings.shutdown_timeout_s)
+        cancelled = self.admission.in_flight
+        await run_in_threadpool(self.admission.close, timeout)
+        log.info("drained: %s", f"{cancelled} requests cancelled at the timeout" if cancelled else "every request finished")
 
     async def warm_up(self) -> None:
         try:

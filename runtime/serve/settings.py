@@ -18,6 +18,7 @@ class ServerSettings:
     retry_after_s: int = 1
     shutdown_timeout_s: float = 10.0
     warmup: bool = True
+    served_model_name: str | None = None  # the name /v1/models lists beside the Workers id (default: the artifact's)
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,14 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from llmpack.runtime.errors import ServeError
 from llmpack.runtime.serve.settings import ConnectionLimits
 
 try:  # httptools parses in C and writes chunk framing itself: the event loop's CPU per streamed token
@@ -138,9 +140,28 @@ class GracefulServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound now: `llm-serve run` takes its port before loading a model for
+    minutes, so a port in use is one `error:` line at once, not uvicorn's words after the load."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        shown = f"[{host}]" if ":" in host else host
+        raise ServeError(f"cannot listen on {shown}:{port}: {exc.strerror or exc}; stop what uses it or "
+                         "choose another --port / --host") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(app, host: str, port: int, description: str, shutdown_timeout_s: float, verbose: bool,
-          limits: ConnectionLimits = ConnectionLimits(), drain: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Run until a signal; returns normally after a graceful shutdown, which starts `drain`."""
+          limits: ConnectionLimits = ConnectionLimits(), drain: Callable[[], Awaitable[None]] | None = None,
+          sock: socket.socket | None = None) -> None:
+    """Run until a signal; returns normally after a graceful shutdown, which starts `drain`. Listens on
+    `sock` when given (already bound by listen_socket), else binds host:port itself."""
     if not verbose:
         # One line of our own says where the server listens; uvicorn's start-up chatter is debug noise.
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
@@ -149,4 +170,4 @@ def serve(app, host: str, port: int, description: str, shutdown_timeout_s: float
                             timeout_keep_alive=limits.keep_alive_s, limit_concurrency=limits.limit_concurrency,
                             timeout_graceful_shutdown=shutdown_timeout_s + (FINAL_EVENTS_GRACE_S if drain else 0),
                             lifespan="on")
-    GracefulServer(config, description, drain).run()
+    GracefulServer(config, description, drain).run(sockets=[sock or listen_socket(host, port)])
