@@ -1,7 +1,8 @@
 """Logits -> next token id: penalties, temperature, top-k, top-p and the seeded draw, as pure functions.
 
-Order per step, as in Hugging Face's logits processors: penalties on the raw logits, then
-temperature, top-k, top-p, then one uniform draw from the seeded generator. Every step is O(vocab)
+Order per step, as in Hugging Face's logits processors: penalties on the raw logits, then the
+logit bias (OpenAI's `logit_bias`: added to the logits before sampling), then temperature, top-k,
+top-p, then one uniform draw from the seeded generator. Every step is O(vocab)
 vectorised work; nothing sorts the whole vocabulary unless the nucleus really spans most of it.
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 from llmpack.runtime.errors import InvalidRequest
 
 SEED_MIN, SEED_MAX = 1, 9_999_999_999
+LOGIT_BIAS_MAX, LOGIT_BIAS_ENTRIES = 100.0, 300  # OpenAI's: each bias within ±100, at most 300 ids
 # Candidates looked at before falling back to a full sort for top-p; a real nucleus is far smaller.
 _NUCLEUS_PROBE = 256
 # Block size for the two-level draw over the whole vocabulary.
@@ -32,6 +34,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; ids checked against the vocab by the caller
 
     def validate(self) -> SamplingParams:
         """Raise InvalidRequest naming the first field out of Workers AI's range; return self."""
@@ -44,6 +47,10 @@ class SamplingParams:
         _check_range("presence_penalty", self.presence_penalty, 0.0, 2.0)
         if self.seed is not None:
             _check_int_range("seed", self.seed, SEED_MIN, SEED_MAX)
+        if len(self.logit_bias) > LOGIT_BIAS_ENTRIES:
+            raise InvalidRequest(f"logit_bias: at most {LOGIT_BIAS_ENTRIES} token ids, got {len(self.logit_bias)}")
+        for token, bias in self.logit_bias:
+            _check_range(f"logit_bias[{token}]", bias, -LOGIT_BIAS_MAX, LOGIT_BIAS_MAX)
         return self
 
     @property
@@ -97,6 +104,16 @@ def apply_penalties(logits: np.ndarray, params: SamplingParams, history: TokenHi
         ids = np.flatnonzero(history.generated_counts)
         counts = history.generated_counts[ids].astype(np.float32)
         out[ids] -= counts * params.frequency_penalty + params.presence_penalty
+    return out
+
+
+def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) -> np.ndarray:
+    """Each (id, bias) added to that id's logit; never changes `logits` (it may be the backend's buffer)."""
+    if not bias:
+        return logits
+    out = np.array(logits, dtype=np.float32, copy=True)
+    ids, values = zip(*bias)
+    out[np.asarray(ids, dtype=np.int64)] += np.asarray(values, dtype=np.float32)
     return out
 
 
@@ -159,6 +176,7 @@ def sample_token(
 ) -> int:
     """Choose the next id from last-position logits [vocab]; greedy when temperature is 0."""
     scores = apply_penalties(logits, params, history) if history is not None else logits
+    scores = apply_logit_bias(scores, params.logit_bias)
     if params.greedy:
         return int(np.argmax(scores))
     # Narrow to candidate ids first so softmax and the draw run over k ids, not the vocabulary.

@@ -129,7 +129,7 @@ def test_raw_stream_is_openai_framing(demo_http):
 @pytest.mark.parametrize("field,value", [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("tool_choice", "required"), ("response_format", {"type": "json_object"}), ("logprobs", True),
-    ("top_logprobs", 3), ("logit_bias", {"42": 100}), ("functions", [{"name": "f"}]),
+    ("top_logprobs", 3), ("functions", [{"name": "f"}]),
     ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}),
 ])
 def test_fields_that_would_change_the_answer_are_refused_by_name(client, field, value):
@@ -167,3 +167,43 @@ def test_one_model_by_id(client, demo_http):
     with pytest.raises(openai.NotFoundError) as raised:
         client.models.retrieve("gpt-4o")
     assert "no such model 'gpt-4o'" in raised.value.message
+
+
+def _ids(demo_http, text: str) -> list[int]:
+    return demo_http.post("/tokenize", json={"prompt": text, "raw": True}).json()["tokens"][1:]  # without <s>
+
+
+def test_logit_bias_plus_100_forces_a_token_and_minus_100_forbids_one(client, demo_http, demo_artifact):
+    llama, once = _ids(demo_http, "llama")[-1], _ids(demo_http, "Once")[-1]
+
+    def answer(bias: dict, tokens: int = 4) -> str:
+        return client.completions.create(model="demo", prompt="Once", max_tokens=tokens, temperature=0,
+                                         logit_bias={str(k): v for k, v in bias.items()}).choices[0].text
+
+    def text(token: int, count: int = 4) -> str:
+        return demo_http.post("/detokenize", json={"tokens": [token] * count}).json()["text"]
+
+    assert answer({llama: 100}) == text(llama)
+    assert answer({llama: 100, once: -100}) == text(llama)
+    # -100 on the token greedy decoding picks: the answer is what the engine in process picks without it.
+    from llmpack.runtime.engine import Engine
+    from llmpack.runtime.sampling import SamplingParams
+
+    engine = Engine.load(demo_artifact)
+    try:
+        prompt = [engine.tokenizer.bos_id, *engine.tokenizer.encode("Once")]
+        [chosen] = list(engine.generate_ids(prompt, 1, SamplingParams(temperature=0)))
+        banned = SamplingParams(temperature=0, logit_bias=((chosen, -100.0),))
+        expected = list(engine.generate_ids(prompt, 4, banned))
+    finally:
+        engine.close()
+    assert expected[0] != chosen
+    assert answer({chosen: -100}) == engine.tokenizer.decode(expected)
+
+
+@pytest.mark.parametrize("bias,words", [({"99999999": 1}, "not in this model's vocabulary"),
+                                        ({"5": 101}, "logit_bias"), ({"x": 1}, "logit_bias")])
+def test_bad_logit_bias_is_a_400_naming_it(client, bias, words):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="demo", prompt="Once", max_tokens=1, logit_bias=bias)
+    assert words in raised.value.message and raised.value.param == "logit_bias"

@@ -9,6 +9,7 @@ from llmpack.runtime.errors import InvalidRequest
 from llmpack.runtime.sampling import (
     SamplingParams,
     TokenHistory,
+    apply_logit_bias,
     apply_penalties,
     draw_index,
     filter_top_k,
@@ -190,3 +191,24 @@ def test_validate_accepts_the_edges():
                             presence_penalty=2, seed=9_999_999_999)
     assert params.validate() is params
     SamplingParams(temperature=0, top_k=1, top_p=0, repetition_penalty=0.01, seed=1).validate()
+
+
+def test_logit_bias_is_added_without_touching_the_logits():
+    logits = np.array([1.0, 3.0, 2.0], dtype=np.float32)
+    biased = apply_logit_bias(logits, ((0, 5.0), (1, -1.5)))
+    assert biased.tolist() == [6.0, 1.5, 2.0] and logits.tolist() == [1.0, 3.0, 2.0]
+    assert apply_logit_bias(logits, ()) is logits
+
+
+def test_logit_bias_steers_greedy_and_sampled_choices():
+    logits = np.array([1.0, 3.0, 2.0], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    assert sample_token(logits, SamplingParams(temperature=0, logit_bias=((2, 100.0),)), rng) == 2
+    banned = SamplingParams(temperature=1.0, logit_bias=((1, -100.0),))
+    assert 1 not in {sample_token(logits, banned, rng) for _ in range(200)}
+
+
+@pytest.mark.parametrize("bias", [((1, 100.5),), ((1, float("nan")),), tuple((i, 1.0) for i in range(301))])
+def test_logit_bias_out_of_range_is_refused(bias):
+    with pytest.raises(InvalidRequest, match="logit_bias"):
+        SamplingParams(logit_bias=bias).validate()

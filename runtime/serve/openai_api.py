@@ -7,6 +7,7 @@ rules. `stop` strings are cut here: the engine knows only stop ids.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import time
@@ -17,7 +18,7 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from llmpack.runtime.errors import InvalidRequest, LlmpackError
-from llmpack.runtime.request import Usage
+from llmpack.runtime.request import GenerationRequest, Usage
 from llmpack.runtime.serve import openapi_doc as doc
 from llmpack.runtime.serve.http_edge import json_response
 from llmpack.runtime.serve.protocol import SSE_DONE, parse_request, sse_event
@@ -72,6 +73,19 @@ def to_workers_body(body: dict, chat: bool) -> dict:
         prompt = body["prompt"]
         out["prompt"], out["raw"] = (prompt if isinstance(prompt, str) else prompt[0]), True
     return out
+
+
+def with_logit_bias(parsed: GenerationRequest, bias: dict | None, vocab_size: int) -> GenerationRequest:
+    """The request with OpenAI's {"token id": bias} in its sampling (the schema checked the shapes)."""
+    if not bias:
+        return parsed
+    pairs = tuple(sorted((int(token), float(value)) for token, value in bias.items()))
+    outside = [token for token, _ in pairs if token >= vocab_size]
+    if outside:
+        raise InvalidRequest(f"logit_bias: token id {outside[0]} is not in this model's vocabulary "
+                             f"(0..{vocab_size - 1})", "logit_bias")
+    sampling = dataclasses.replace(parsed.sampling, logit_bias=pairs).validate()
+    return dataclasses.replace(parsed, sampling=sampling)
 
 
 def _text(content: str | list) -> str:
@@ -132,7 +146,8 @@ async def _complete(request: Request, chat: bool) -> Response:
     body = check_body(await state.body(request),
                       _CHAT_VALIDATOR if chat else _COMPLETION_VALIDATOR)
     state.check_model(body["model"])
-    parsed = parse_request(to_workers_body(body, chat))
+    parsed = with_logit_bias(parse_request(to_workers_body(body, chat)), body.get("logit_bias"),
+                             state.engine.tokenizer.vocab_size)
     prompt_ids = await state.prompt_ids(parsed)
     stop = body.get("stop")
     stops = StopFilter([stop] if isinstance(stop, str) else stop or ())

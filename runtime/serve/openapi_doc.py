@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-from llmpack.runtime.sampling import SEED_MAX, SEED_MIN, SamplingParams
+from llmpack.runtime.sampling import LOGIT_BIAS_ENTRIES, LOGIT_BIAS_MAX, SEED_MAX, SEED_MIN, SamplingParams
 from llmpack.runtime.serve.protocol import SPEC
 
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(SamplingParams)}
@@ -63,6 +63,10 @@ _COMMON_OPENAI = {
     "stream": _nullable({"type": "boolean"}),
     "stream_options": _nullable({"type": "object", "properties": {"include_usage": {"type": "boolean"}}}),
     "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 1},  # one choice per request
+    # {"token id": bias}: added to that token's logit before sampling (ids past the vocabulary are a 400 too)
+    "logit_bias": {"type": ["object", "null"], "maxProperties": LOGIT_BIAS_ENTRIES,
+                   "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                   "additionalProperties": {"type": "number", "minimum": -LOGIT_BIAS_MAX, "maximum": LOGIT_BIAS_MAX}},
 }
 
 # OpenAI fields that would change the answer and that the server does not do: each is accepted only with a
@@ -76,7 +80,6 @@ UNSUPPORTED_OPENAI: dict[str, tuple[list, str]] = {
     "response_format": ([None, {"type": "text"}], "structured output"),
     "logprobs": ([None, False], "log probabilities"),
     "top_logprobs": ([None, 0], "log probabilities"),
-    "logit_bias": ([None, {}], "logit bias"),
     "best_of": ([None, 1], "best-of sampling"),
     "echo": ([None, False], "echoing the prompt"),
     "suffix": ([None, ""], "insertion (suffix)"),
