@@ -66,13 +66,16 @@ def build(model: str, out: Path, dtype: str, max_context: int, system_prompt: st
 @click.option("--steps", type=click.IntRange(min=1), default=32, show_default=True, help="Greedy decode steps.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="Backend whose answers are checked (cuda/tensorrt: on a GPU machine).")
+@click.option("--source", type=click.Path(path_type=Path), default=None,
+              help="The source checkpoint's folder, when it is no longer where the build read it (its weight "
+                   "files must be the ones the artifact was built from: their SHA-256 are checked).")
 @translate_errors
-def verify(artifact: Path, steps: int, backend: str) -> None:
+def verify(artifact: Path, steps: int, backend: str, source: Path | None) -> None:
     """Check the artifact against its source model in PyTorch; exit non-zero on a parity failure."""
     from llmpack.export.verify import verify as run_verify
     from llmpack.runtime.errors import ParityError
 
-    report = run_verify(artifact, steps=steps, backend=backend)
+    report = run_verify(artifact, steps=steps, backend=backend, source=source)
     click.echo(report.table())
     if not report.ok:
         raise ParityError(f"{artifact} does not match its source model; rebuild it, and report a bug if it persists")

@@ -14,6 +14,7 @@ import numpy as np
 from llmpack.export import quality
 from llmpack.runtime.artifact import open_artifact, open_backend
 from llmpack.runtime.errors import CheckpointError
+from llmpack.runtime.manifest import digest_file
 
 # fp32 must match to float rounding; fp16 must keep the answer (the greedy tokens).
 LOGIT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
@@ -62,10 +63,31 @@ def _load_reference(source: Path):
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    if not source.is_dir():
-        raise CheckpointError(f"the artifact's source checkpoint {source} is gone; verify needs it to compare against")
     model = LlamaForCausalLM.from_pretrained(str(source), dtype=torch.float32)
     return model.eval()
+
+
+def reference_source(manifest, given: Path | None) -> Path:
+    """The checkpoint to compare against: the build's own folder, or `given` (--source) once it holds
+    byte for byte the weights the artifact was built from (their SHA-256 are in the manifest)."""
+    if given is None:
+        source = Path(manifest.source.path)
+        if not source.is_dir():
+            raise CheckpointError(f"the artifact's source checkpoint {source} is gone; verify needs it to compare "
+                                  "against: pass its folder's new place with --source PATH")
+        return source
+    source = Path(given).expanduser().resolve()
+    if not source.is_dir():
+        raise CheckpointError(f"--source {given} is not a folder; pass the checkpoint folder the artifact was built from")
+    for recorded in manifest.source.files:
+        if not (source / recorded.path).is_file():
+            raise CheckpointError(f"--source {source} has no {recorded.path}, which the artifact was built from")
+        found = digest_file(source, recorded.path)
+        if (found.size, found.sha256) != (recorded.size, recorded.sha256):
+            raise CheckpointError(f"--source {source}: {recorded.path} is not the file the artifact was built from "
+                                  f"(SHA-256 {found.sha256[:12]}…, the manifest has {recorded.sha256[:12]}…); "
+                                  "pass the checkpoint it was built from")
+    return source
 
 
 def _reference_greedy(model, prompt: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
@@ -117,8 +139,9 @@ def parity_checks(backend, prompt: list[int], reference: tuple[np.ndarray, list[
 
 
 def verify(artifact_path: Path | str, steps: int = 32, prompt_length: int = 16, seed: int = 0,
-           backend: str = "auto") -> ParityReport:
-    """Check an artifact against its source checkpoint in PyTorch, on the backend `backend` picks."""
+           backend: str = "auto", source: Path | None = None) -> ParityReport:
+    """Check an artifact against its source checkpoint in PyTorch, on the backend `backend` picks; `source`
+    points at the checkpoint when it moved since the build (its weights must be the ones built from)."""
     artifact = open_artifact(artifact_path)
     manifest = artifact.manifest
     tolerance = QUANT_CACHE_TOLERANCE if manifest.quant else LOGIT_TOLERANCE[manifest.dtype]
@@ -126,7 +149,7 @@ def verify(artifact_path: Path | str, steps: int = 32, prompt_length: int = 16, 
     rng = np.random.default_rng(seed)
     prompt = [manifest.bos_token_id] + rng.integers(3, manifest.config.vocab_size, prompt_length - 1).tolist()
 
-    model = _load_reference(Path(manifest.source.path))
+    model = _load_reference(reference_source(manifest, source))
     runner = open_backend(artifact, backend)
     checks = parity_checks(runner, prompt, _reference_greedy(model, prompt, steps), steps, tolerance)
     if manifest.quant is not None:  # int8/int4 are judged on their predictions, not on 1e-4 logits

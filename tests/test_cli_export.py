@@ -59,3 +59,24 @@ def test_graph_auto_is_fused_on_the_cpu_and_standard_for_tensorrt(tmp_path):
     assert resolve_graph(auto).graph == "ort-fused"
     assert resolve_graph(auto, for_tensorrt=True).graph == "standard"
     assert resolve_graph(BuildOptions(model="demo", out=tmp_path, graph="standard")).graph == "standard"
+
+
+def test_verify_finds_a_moved_source_with_source_and_refuses_other_weights(tmp_path):
+    import shutil
+
+    from llmpack.export.build import resolve_source
+
+    runner = CliRunner()
+    source, moved, out = tmp_path / "stories", tmp_path / "moved", tmp_path / "art"
+    shutil.copytree(resolve_source("stories260k"), source)
+    built = runner.invoke(main, ["build", "--model", str(source), "--out", str(out), "--graph", "standard"])
+    assert built.exit_code == 0, built.output
+    source.rename(moved)
+    gone = runner.invoke(main, ["verify", str(out)])
+    assert gone.exit_code == 2 and f"{source} is gone" in gone.output and "--source PATH" in gone.output
+    found = runner.invoke(main, ["verify", str(out), "--source", str(moved)])
+    assert found.exit_code == 0 and "identical" in found.output, found.output
+    weights = moved / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # another model's bytes, same name and size
+    other = runner.invoke(main, ["verify", str(out), "--source", str(moved)])
+    assert other.exit_code == 2 and "model.safetensors is not the file the artifact was built from" in other.output
