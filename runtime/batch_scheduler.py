@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from llmpack.runtime.backends.interface import Backend, kv_copies_of, mixed_steps_of
 from llmpack.runtime.errors import BackendError, LlmpackError
@@ -111,6 +111,7 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.on_step: Callable[[int], None] | None = None  # an observer of each step's decoded rows (metrics)
 
     @property
     def queue_depth(self) -> int:
@@ -175,6 +176,7 @@ class BatchScheduler:
                 continue
             state.slot = self._free_slots.pop(0)
             self._active.append(state)
+            state.sink.started()
             self._reuse_prefix(state)
 
     def _release_finished(self) -> None:
@@ -222,6 +224,7 @@ class BatchScheduler:
         except Exception as exc:  # noqa: BLE001 - any backend failure ends the sequences of this step
             return self._fail(ready, exc)
         self.pacer.observe_decode(len(ready), time.perf_counter() - started)
+        self._observe(len(ready))
         for row, state in enumerate(ready):
             state.advance(logits[row])
 
@@ -234,9 +237,14 @@ class BatchScheduler:
         except Exception as exc:  # noqa: BLE001 - any backend failure ends the sequences of this step
             return self._fail([*ready, reading], exc)
         self.pacer.observe_mixed(len(ready), len(chunk), time.perf_counter() - started)
+        self._observe(len(ready))
         self._read(reading, len(chunk), chunk_logits)
         for row, state in enumerate(ready):
             state.advance(logits[row])
+
+    def _observe(self, rows: int) -> None:
+        if self.on_step is not None:
+            self.on_step(rows)
 
     def _read(self, state: SequenceState, tokens: int, logits) -> None:
         state.prefilled += tokens

@@ -47,6 +47,9 @@ class TokenSink:
         self.cancelled = threading.Event()
         self.on_cancel: Callable[[], None] | None = None  # set by the scheduler: wakes its loop
 
+    def started(self) -> None:
+        """The sequence got a batch slot (its queue wait ends); batch thread. Nothing to do by default."""
+
     def put(self, token: int) -> None:
         raise NotImplementedError
 

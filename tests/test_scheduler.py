@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
-from serving import free_port, parse_sse
+from serving import free_port, metric, parse_sse
 
 from llmpack.runtime.engine import Engine, EngineOptions
 from llmpack.runtime.errors import CapacityExceeded
@@ -130,7 +130,10 @@ def test_queue_bound_cancel_frees_the_place_and_failures_stay_in_their_sequence(
     answer = tokenizer.decode(answer_ids(tokenizer))
     assert ran[0] == answer and ran[1].finish_reason == "length" and after[0] == answer
     assert failed[0] is None and failed[1].http_status == 500 and "simulated" not in failed[1].message
-    assert metrics.generations == {"finished": 2, "failed": 1, FINISH_CANCELLED: 1}
+    text = metrics.render()
+    counts = {outcome: metric(text, "llmpack_generations_total", f'outcome="{outcome}"')
+              for outcome in ("finished", "failed", FINISH_CANCELLED)}
+    assert counts == {"finished": 2, "failed": 1, FINISH_CANCELLED: 1}
 
 
 def test_batch_slots_widen_the_bound(tokenizer):
@@ -236,10 +239,10 @@ def test_metrics_histogram_is_cumulative():
     metrics.first_token(0.02)
     metrics.next_tokens(0.004, 2)
     text = metrics.render()
-    assert 'llmpack_time_to_first_token_seconds_bucket{le="0.01"} 0' in text
-    assert 'llmpack_time_to_first_token_seconds_bucket{le="0.025"} 1' in text
-    assert 'llmpack_inter_token_latency_seconds_bucket{le="0.0025"} 2' in text
-    assert "llmpack_inter_token_latency_seconds_count 2" in text
+    assert 'llmpack_time_to_first_token_seconds_bucket{le="0.01"} 0.0' in text
+    assert 'llmpack_time_to_first_token_seconds_bucket{le="0.025"} 1.0' in text
+    assert 'llmpack_inter_token_latency_seconds_bucket{le="0.0025"} 2.0' in text
+    assert "llmpack_inter_token_latency_seconds_count 2.0" in text
 
 
 # --- an exception inside one generation, over real HTTP ---------------------------------------------

@@ -182,6 +182,11 @@ def test_metrics_count_requests_tokens_and_latencies(demo_http):
     assert grew("llmpack_time_to_first_token_seconds_count") == 1
     assert 1 <= grew("llmpack_inter_token_latency_seconds_count") <= usage["completion_tokens"] - 1
     assert metric(after, "llmpack_queue_depth") == metric(after, "llmpack_requests_in_flight") == 0
+    assert grew("llmpack_http_request_duration_seconds_count", 'route="/ai/run/{model}"') == 2
+    assert grew("llmpack_queue_wait_seconds_count") == 1  # the 400 never queued
+    # one decode step per token after the first (the prefill makes the first), each of one sequence
+    assert grew("llmpack_decode_batch_size_count") == grew("llmpack_decode_batch_size_sum") >= 1
+    assert metric(after, "process_resident_memory_bytes") > 0 and metric(after, "process_cpu_seconds_total") > 0
     sample = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? (\d+(\.\d+)?(e[+-]?\d+)?)$')
     assert all(sample.match(line) for line in after.splitlines() if not line.startswith("#")), after
 

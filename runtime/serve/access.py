@@ -72,7 +72,8 @@ class RequestRecord:
             raise
         finally:
             route = getattr(scope.get("route"), "path_format", None)
-            self.metrics.request_done(route or "unmatched", status)  # never the raw path: unbounded labels
+            # never the raw path as a label: unbounded series
+            self.metrics.request_done(route or "unmatched", status, time.monotonic() - started)
             access_log.info("%s", access_line(scope, route or printable_path(scope["path"]), status, started,
                                               request_id))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from llmpack.runtime.errors import BackendError, CapacityExceeded, LlmpackError
 from llmpack.runtime.generate import FINISH_CANCELLED, FINISH_ERROR, TokenSink
@@ -34,16 +34,23 @@ class LoopTokens(TokenSink):
     already pending; `take` (the loop) returns everything that arrived since the last take.
     """
 
-    def __init__(self, prompt_ids: Sequence[int], loop: asyncio.AbstractEventLoop, on_end):
+    def __init__(self, prompt_ids: Sequence[int], loop: asyncio.AbstractEventLoop, on_end,
+                 on_started: Callable[[float], None] | None = None):
         super().__init__(prompt_ids)
         self._loop = loop
         self._on_end = on_end  # batch thread: admission's bookkeeping once the engine is done with it
+        self._on_started = on_started  # batch thread: gets the seconds the sequence waited for a slot
+        self._submitted = time.monotonic()
         self._lock = threading.Lock()
         self._tokens: list[int] = []
         self.generated = 0  # counted on the batch thread, for the metrics when the sequence ends
         self._end: tuple[str, BaseException | None] | None = None
         self._wake_pending = False
         self._ready = asyncio.Event()
+
+    def started(self) -> None:
+        if self._on_started is not None:
+            self._on_started(time.monotonic() - self._submitted)
 
     def put(self, token: int) -> None:
         self.generated += 1
@@ -108,7 +115,7 @@ class Admission:
 
     def submit(self, request: GenerationRequest, prompt_ids: list[int]) -> LoopTokens:
         """Queue a request whose ids were computed when it was read; CapacityExceeded when full."""
-        tokens = LoopTokens(prompt_ids, asyncio.get_running_loop(), self._ended)
+        tokens = LoopTokens(prompt_ids, asyncio.get_running_loop(), self._ended, self.metrics.queued)
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down; send the request again to another instance")

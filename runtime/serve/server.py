@@ -74,6 +74,7 @@ class ServerState:
         self.metrics = Metrics()
         self.admission = Admission(engine, settings.max_queue, self.metrics)
         register_prefix_cache(self.metrics, engine.prefix_cache)
+        engine.scheduler.on_step = self.metrics.decode_step
         # The Workers AI id first: it is what existing clients ask for.
         self.models = tuple(dict.fromkeys((MODEL_NAME, settings.served_model_name or engine.model_name)))
         self.started_at = int(time.time())
