@@ -29,6 +29,7 @@ from llmpack.export.fused_graph import write_fused_graph
 from llmpack.export.graph import OPSET, write_decoder_graph
 from llmpack.export.mixed_graph import write_mixed_graph
 from llmpack.export.options import DTYPES, BuildOptions, resolve_graph
+from llmpack.export.progress import digest_files
 from llmpack.export.quantize import ACCURACY_LEVELS, BLOCK_SIZES, QUANT_BITS
 from llmpack.runtime import __version__
 from llmpack.runtime import manifest as names
@@ -40,7 +41,6 @@ from llmpack.runtime.manifest import (
     QuantInfo,
     SourceInfo,
     check_artifact_files,
-    digest_file,
     read_manifest,
 )
 
@@ -155,7 +155,7 @@ def _write_artifact(checkpoint: Checkpoint, source: SourceInfo, staging: Path, o
     else:
         inputs, outputs = write_decoder_graph(checkpoint, staging, options.dtype, options.progress, quant)
     shutil.copyfile(checkpoint.path / checkpoint.tokenizer_file, staging / names.TOKENIZER_FILE)
-    files = tuple(digest_file(staging, f) for f in (*graph_files, names.TOKENIZER_FILE))
+    files = digest_files(staging, (*graph_files, names.TOKENIZER_FILE), "checksumming the artifact", options.progress)
     manifest = BuildManifest(
         name=options.out.name,
         config=checkpoint.config,
@@ -225,7 +225,7 @@ def build(options: BuildOptions) -> BuildResult:
     with build_lock(out):
         existing = _existing_manifest(out)
         log.info("hashing the weights of %s (the build is skipped when nothing changed)", checkpoint.path)
-        source = SourceInfo(path=str(checkpoint.path), files=checkpoint.digests())
+        source = SourceInfo(path=str(checkpoint.path), files=checkpoint.digests(options.progress))
         key = build_key(source.files, options, max_context)
         if existing is not None and existing.build_key == key and not options.force and _intact(out, existing):
             log.info("artifact %s is up to date (same weights and options); reusing it, --force rebuilds", out)

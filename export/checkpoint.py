@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from llmpack.export.progress import digest_files
 from llmpack.export.safetensors_reader import SafetensorsFile
 from llmpack.runtime.errors import CheckpointError
-from llmpack.runtime.manifest import FileDigest, ModelConfig, digest_file
+from llmpack.runtime.manifest import FileDigest, ModelConfig
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -33,10 +34,10 @@ class Checkpoint:
     stop_token_ids: tuple[int, ...]
     source_dtype: str
 
-    def digests(self) -> tuple[FileDigest, ...]:
+    def digests(self, tty: bool = False) -> tuple[FileDigest, ...]:
         names = (*self.weight_files, "config.json", self.tokenizer_file)
         extra = ("generation_config.json",) if (self.path / "generation_config.json").is_file() else ()
-        return tuple(digest_file(self.path, name) for name in (*names, *extra))
+        return digest_files(self.path, (*names, *extra), "hashing the checkpoint", tty)
 
 
 def _read_json(path: Path, what: str) -> dict:

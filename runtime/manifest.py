@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,17 +235,20 @@ def _tensor_spec(data: dict) -> TensorSpec:
     return TensorSpec(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 22, on_bytes: Callable[[int], None] | None = None) -> str:
+    """SHA-256 of a file read in chunks; `on_bytes(n)` after each (progress of a long hash)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
     return digest.hexdigest()
 
 
-def digest_file(folder: Path, relative: str) -> FileDigest:
+def digest_file(folder: Path, relative: str, on_bytes: Callable[[int], None] | None = None) -> FileDigest:
     path = folder / relative
-    return FileDigest(path=relative, sha256=sha256_file(path), size=path.stat().st_size)
+    return FileDigest(path=relative, sha256=sha256_file(path, on_bytes=on_bytes), size=path.stat().st_size)
 
 
 def read_manifest(artifact: Path) -> BuildManifest:
