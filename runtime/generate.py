@@ -18,7 +18,15 @@ import numpy as np
 
 from llmpack.runtime.detokenizer import StreamingDetokenizer
 from llmpack.runtime.request import Usage
-from llmpack.runtime.sampling import SamplingParams, TokenHistory, make_rng, sample_token
+from llmpack.runtime.sampling import (
+    SamplingParams,
+    TokenHistory,
+    TokenLogprobs,
+    make_rng,
+    processed_scores,
+    sample_from_scores,
+    token_logprobs,
+)
 from llmpack.runtime.tokenizer import Tokenizer
 
 FINISH_STOP = "stop"  # the model produced a stop id
@@ -50,7 +58,8 @@ class TokenSink:
     def started(self) -> None:
         """The sequence got a batch slot (its queue wait ends); batch thread. Nothing to do by default."""
 
-    def put(self, token: int) -> None:
+    def put(self, token: int, logprobs: TokenLogprobs | None = None) -> None:
+        """A new token; `logprobs` when the request asked for them (SamplingParams.top_logprobs)."""
         raise NotImplementedError
 
     def end(self, reason: str, error: BaseException | None = None) -> None:
@@ -77,7 +86,7 @@ class TokenStream(TokenSink):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
 
     # producer side (the batch thread)
-    def put(self, token: int) -> None:
+    def put(self, token: int, logprobs: TokenLogprobs | None = None) -> None:
         self._queue.put(token)
 
     def end(self, reason: str, error: BaseException | None = None) -> None:
@@ -127,13 +136,15 @@ class SequenceState:
         self.pending = None
         if self.generated >= self.budget:
             return self.finish(FINISH_LENGTH)
-        token = sample_token(logits, self.sampling, self.rng, self.history)
+        scores = processed_scores(logits, self.sampling, self.history)
+        token = sample_from_scores(scores, self.sampling, self.rng)
         if token in self.stop_ids:
             return self.finish(FINISH_STOP)
         self.generated += 1
         self.output_ids.append(token)
         self.history.add(token)
-        self.sink.put(token)
+        wanted = self.sampling.top_logprobs
+        self.sink.put(token, None if wanted is None else token_logprobs(scores, self.sampling, token, wanted))
         if self.generated >= self.budget:
             return self.finish(FINISH_LENGTH)  # no decode step for a token nobody will sample after
         self.pending = token

@@ -17,6 +17,7 @@ from llmpack.runtime.errors import InvalidRequest
 
 SEED_MIN, SEED_MAX = 1, 9_999_999_999
 LOGIT_BIAS_MAX, LOGIT_BIAS_ENTRIES = 100.0, 300  # OpenAI's: each bias within ±100, at most 300 ids
+TOP_LOGPROBS_MAX = 20  # OpenAI's bound on the alternatives reported per token
 # Candidates looked at before falling back to a full sort for top-p; a real nucleus is far smaller.
 _NUCLEUS_PROBE = 256
 # Block size for the two-level draw over the whole vocabulary.
@@ -35,6 +36,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; ids checked against the vocab by the caller
+    # Report each token's log probability and this many most likely alternatives (None: report nothing).
+    top_logprobs: int | None = None
 
     def validate(self) -> SamplingParams:
         """Raise InvalidRequest naming the first field out of Workers AI's range; return self."""
@@ -51,6 +54,8 @@ class SamplingParams:
             raise InvalidRequest(f"logit_bias: at most {LOGIT_BIAS_ENTRIES} token ids, got {len(self.logit_bias)}")
         for token, bias in self.logit_bias:
             _check_range(f"logit_bias[{token}]", bias, -LOGIT_BIAS_MAX, LOGIT_BIAS_MAX)
+        if self.top_logprobs is not None:
+            _check_int_range("top_logprobs", self.top_logprobs, 0, TOP_LOGPROBS_MAX)
         return self
 
     @property
@@ -168,6 +173,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return weights
 
 
+def processed_scores(logits: np.ndarray, params: SamplingParams, history: TokenHistory | None = None) -> np.ndarray:
+    """The logits the choice is made from: penalties, then the logit bias (never changes `logits`)."""
+    scores = apply_penalties(logits, params, history) if history is not None else logits
+    return apply_logit_bias(scores, params.logit_bias)
+
+
 def sample_token(
     logits: np.ndarray,
     params: SamplingParams,
@@ -175,8 +186,31 @@ def sample_token(
     history: TokenHistory | None = None,
 ) -> int:
     """Choose the next id from last-position logits [vocab]; greedy when temperature is 0."""
-    scores = apply_penalties(logits, params, history) if history is not None else logits
-    scores = apply_logit_bias(scores, params.logit_bias)
+    return sample_from_scores(processed_scores(logits, params, history), params, rng)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A chosen token's log probability and the `top` most likely ids with theirs, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(scores: np.ndarray, params: SamplingParams, token: int, top: int) -> TokenLogprobs:
+    """Log-softmax of the processed scores divided by the temperature (1 when greedy): the distribution
+    the token is drawn from before top-k / top-p narrow it. Computed in float64."""
+    z = scores.astype(np.float64) / (params.temperature if params.temperature > 0 else 1.0)
+    peak = float(np.max(z))
+    logprobs = z - (peak + math.log(float(np.sum(np.exp(z - peak)))))
+    best = top_k_ids(logprobs, top) if top else np.empty(0, dtype=np.int64)
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return TokenLogprobs(token, float(logprobs[token]), tuple((int(i), float(logprobs[i])) for i in best))
+
+
+def sample_from_scores(scores: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """The draw itself, over processed scores: argmax when greedy, else temperature, top-k, top-p, one uniform."""
     if params.greedy:
         return int(np.argmax(scores))
     # Narrow to candidate ids first so softmax and the draw run over k ids, not the vocabulary.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import openai
 import pytest
 from serving import RUN, SERVER_API_KEY, WORKERS_MODEL, parse_sse
@@ -128,8 +129,7 @@ def test_raw_stream_is_openai_framing(demo_http):
 
 @pytest.mark.parametrize("field,value", [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-    ("tool_choice", "required"), ("response_format", {"type": "json_object"}), ("logprobs", True),
-    ("top_logprobs", 3), ("functions", [{"name": "f"}]),
+    ("tool_choice", "required"), ("response_format", {"type": "json_object"}), ("functions", [{"name": "f"}]),
     ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}),
 ])
 def test_fields_that_would_change_the_answer_are_refused_by_name(client, field, value):
@@ -139,9 +139,8 @@ def test_fields_that_would_change_the_answer_are_refused_by_name(client, field, 
     assert raised.value.param == field
 
 
-@pytest.mark.parametrize("field,value", [("best_of", 3), ("echo", True), ("suffix", " the end"), ("logprobs", 0)])
+@pytest.mark.parametrize("field,value", [("best_of", 3), ("echo", True), ("suffix", " the end")])
 def test_completion_fields_that_would_change_the_answer_are_refused(client, field, value):
-    # logprobs=0 asks for the sampled tokens' log probabilities: refused though Python finds 0 == False.
     with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(model="demo", prompt="Once", max_tokens=2, extra_body={field: value})
     assert raised.value.param == field and "not supported" in raised.value.message
@@ -207,3 +206,67 @@ def test_bad_logit_bias_is_a_400_naming_it(client, bias, words):
     with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(model="demo", prompt="Once", max_tokens=1, logit_bias=bias)
     assert words in raised.value.message and raised.value.param == "logit_bias"
+
+
+def _reference_logprobs(demo_artifact, prompt_ids: list[int], steps: int) -> list[tuple[int, np.ndarray]]:
+    """Greedy tokens and the log-softmax of the backend's own logits at each step, computed here."""
+    from llmpack.runtime.artifact import open_artifact, open_backend
+
+    backend = open_backend(open_artifact(demo_artifact))
+    logits, out = backend.prefill(0, prompt_ids), []
+    for _ in range(steps):
+        z = logits.astype(np.float64)
+        logprobs = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+        token = int(np.argmax(logits))
+        out.append((token, logprobs))
+        logits = backend.decode([0], [token])[0]
+    return out
+
+
+def test_chat_logprobs_are_the_log_softmax_of_the_backends_logits(client, demo_http, demo_artifact):
+    ids = demo_http.post("/tokenize", json={"messages": CHAT}).json()["tokens"]
+    expected = _reference_logprobs(demo_artifact, ids, 6)
+    answer = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=6, temperature=0,
+                                            logprobs=True, top_logprobs=3)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == 6
+    for entry, (token, logprobs) in zip(content, expected):
+        assert entry.logprob == pytest.approx(logprobs[token], abs=1e-4)
+        best = np.argsort(-logprobs)[:3]
+        assert [alt.logprob for alt in entry.top_logprobs] == pytest.approx(logprobs[best].tolist(), abs=1e-4)
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-6)  # greedy: the top one
+    spelled = b"".join(bytes(entry.bytes) for entry in content).decode("utf-8", "replace")
+    assert spelled.strip() == answer.choices[0].message.content.strip()  # the tokens' bytes spell the answer
+    streamed = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=6, temperature=0,
+                                              logprobs=True, top_logprobs=3, stream=True)
+    entries = [e for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+               for e in chunk.choices[0].logprobs.content]
+    assert [e.model_dump() for e in entries] == [e.model_dump() for e in content]
+
+
+def test_completion_logprobs_use_the_legacy_shape(client, demo_http, demo_artifact):
+    ids = demo_http.post("/tokenize", json={"prompt": "Once upon a time", "raw": True}).json()["tokens"]
+    expected = _reference_logprobs(demo_artifact, ids, 5)
+    answer = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                       logprobs=2)
+    logprobs = answer.choices[0].logprobs
+    assert logprobs.token_logprobs == pytest.approx([lp[t] for t, lp in expected], abs=1e-4)
+    assert len(logprobs.tokens) == len(logprobs.top_logprobs) == len(logprobs.text_offset) == 5
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs) and logprobs.text_offset[0] == 0
+    streamed = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                         logprobs=2, stream=True)
+    tokens = [t for chunk in streamed if chunk.choices[0].logprobs for t in chunk.choices[0].logprobs.tokens]
+    assert tokens == logprobs.tokens
+
+
+@pytest.mark.parametrize("kwargs,words", [(dict(top_logprobs=2), "top_logprobs: needs"),
+                                          (dict(logprobs=True, top_logprobs=21), "top_logprobs")])
+def test_bad_logprobs_requests_are_400s(client, kwargs, words):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="demo", messages=CHAT, max_tokens=2, **kwargs)
+    assert words in raised.value.message
+
+
+def test_without_logprobs_the_field_is_null(client):
+    answer = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=2, temperature=0)
+    assert answer.choices[0].logprobs is None

@@ -16,8 +16,10 @@ from llmpack.runtime.sampling import (
     filter_top_p,
     make_rng,
     nucleus_ids,
+    processed_scores,
     sample_token,
     softmax,
+    token_logprobs,
 )
 
 VOCAB = 32000
@@ -212,3 +214,23 @@ def test_logit_bias_steers_greedy_and_sampled_choices():
 def test_logit_bias_out_of_range_is_refused(bias):
     with pytest.raises(InvalidRequest, match="logit_bias"):
         SamplingParams(logit_bias=bias).validate()
+
+
+def test_token_logprobs_are_the_log_softmax_of_the_processed_scores_over_the_temperature():
+    logits = vocab_logits(3)[:50]
+    params = SamplingParams(temperature=2.0, logit_bias=((7, 5.0),), top_logprobs=4)
+    scores = processed_scores(logits, params)
+    reported = token_logprobs(scores, params, token=7, top=4)
+    z = scores.astype(np.float64) / 2.0
+    expected = z - np.log(np.exp(z).sum())
+    assert reported.logprob == pytest.approx(expected[7], abs=1e-9)
+    assert [i for i, _ in reported.top] == np.argsort(-expected)[:4].tolist()
+    assert [v for _, v in reported.top] == pytest.approx(np.sort(expected)[::-1][:4].tolist(), abs=1e-9)
+    greedy = token_logprobs(logits, SamplingParams(temperature=0), token=0, top=0)
+    assert greedy.top == () and greedy.logprob == pytest.approx(
+        logits[0] - np.log(np.exp(logits.astype(np.float64)).sum()), abs=1e-6)
+
+
+def test_top_logprobs_is_bounded():
+    with pytest.raises(InvalidRequest, match="top_logprobs"):
+        SamplingParams(top_logprobs=21).validate()

@@ -202,8 +202,8 @@ def test_tokens_ready_together_cross_in_one_wake_up(tokenizer):
         engine.close()
         return taken
 
-    ids, end = asyncio.run(scenario())
-    assert ids == answer_ids(tokenizer) and end == ("length", None)
+    ids, logprobs, end = asyncio.run(scenario())
+    assert ids == answer_ids(tokenizer) and end == ("length", None) and logprobs == [None] * len(ids)
 
 
 def test_tokens_taken_together_keep_the_pieces_the_cli_prints(tokenizer):

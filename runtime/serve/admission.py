@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from llmpack.runtime.errors import BackendError, CapacityExceeded, LlmpackError
 from llmpack.runtime.generate import FINISH_CANCELLED, FINISH_ERROR, TokenSink
 from llmpack.runtime.request import GenerationRequest
+from llmpack.runtime.sampling import TokenLogprobs
 from llmpack.runtime.serve.metrics import Metrics
 
 
@@ -43,6 +44,7 @@ class LoopTokens(TokenSink):
         self._submitted = time.monotonic()
         self._lock = threading.Lock()
         self._tokens: list[int] = []
+        self._logprobs: list[TokenLogprobs | None] = []  # beside _tokens, one each
         self.generated = 0  # counted on the batch thread, for the metrics when the sequence ends
         self._end: tuple[str, BaseException | None] | None = None
         self._wake_pending = False
@@ -52,10 +54,11 @@ class LoopTokens(TokenSink):
         if self._on_started is not None:
             self._on_started(time.monotonic() - self._submitted)
 
-    def put(self, token: int) -> None:
+    def put(self, token: int, logprobs: TokenLogprobs | None = None) -> None:
         self.generated += 1
         with self._lock:
             self._tokens.append(token)
+            self._logprobs.append(logprobs)
             wake, self._wake_pending = not self._wake_pending, True
         if wake:
             self._wake()
@@ -74,8 +77,9 @@ class LoopTokens(TokenSink):
         except RuntimeError:  # the loop is closed (the server is gone): nobody reads this any more
             self.cancelled.set()
 
-    async def take(self) -> tuple[list[int], tuple[str, BaseException | None] | None]:
-        """(tokens that arrived since the last take, (finish reason, error) once the sequence ended)."""
+    async def take(self) -> tuple[list[int], list[TokenLogprobs | None], tuple[str, BaseException | None] | None]:
+        """(tokens that arrived since the last take, their log probabilities when asked for, (finish reason,
+        error) once the sequence ended)."""
         await self._ready.wait()
         with self._lock:
             # A wake-up is scheduled only when none is pending, and one is pending until here: so no
@@ -83,7 +87,8 @@ class LoopTokens(TokenSink):
             self._ready.clear()
             self._wake_pending = False
             tokens, self._tokens = self._tokens, []
-            return tokens, self._end
+            logprobs, self._logprobs = self._logprobs, []
+            return tokens, logprobs, self._end
 
 
 class Admission:

@@ -19,8 +19,10 @@ from starlette.types import Scope
 
 from llmpack.runtime.errors import InvalidRequest, LlmpackError
 from llmpack.runtime.request import GenerationRequest, Usage
+from llmpack.runtime.sampling import TokenLogprobs
 from llmpack.runtime.serve import openapi_doc as doc
 from llmpack.runtime.serve.http_edge import json_response
+from llmpack.runtime.serve.openai_logprobs import LogprobsFormat, requested_top
 from llmpack.runtime.serve.protocol import SSE_DONE, parse_request, sse_event
 from llmpack.runtime.serve.streaming import EventStreamResponse, Finished, Generation, StopFilter, error_event
 
@@ -75,17 +77,26 @@ def to_workers_body(body: dict, chat: bool) -> dict:
     return out
 
 
-def with_logit_bias(parsed: GenerationRequest, bias: dict | None, vocab_size: int) -> GenerationRequest:
-    """The request with OpenAI's {"token id": bias} in its sampling (the schema checked the shapes)."""
-    if not bias:
+def with_openai_sampling(parsed: GenerationRequest, body: dict, chat: bool, vocab_size: int) -> GenerationRequest:
+    """The request with what only OpenAI bodies ask of the sampler: logit_bias and log probabilities."""
+    pairs = _logit_bias(body.get("logit_bias"), vocab_size)
+    top = requested_top(body, chat)
+    if not pairs and top is None:
         return parsed
+    sampling = dataclasses.replace(parsed.sampling, logit_bias=pairs, top_logprobs=top).validate()
+    return dataclasses.replace(parsed, sampling=sampling)
+
+
+def _logit_bias(bias: dict | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as sorted pairs (the schema checked the shapes); ids past the vocabulary refused."""
+    if not bias:
+        return ()
     pairs = tuple(sorted((int(token), float(value)) for token, value in bias.items()))
     outside = [token for token, _ in pairs if token >= vocab_size]
     if outside:
         raise InvalidRequest(f"logit_bias: token id {outside[0]} is not in this model's vocabulary "
                              f"(0..{vocab_size - 1})", "logit_bias")
-    sampling = dataclasses.replace(parsed.sampling, logit_bias=pairs).validate()
-    return dataclasses.replace(parsed, sampling=sampling)
+    return pairs
 
 
 def _text(content: str | list) -> str:
@@ -104,22 +115,23 @@ class Reply:
     def _object(self, kind: str, choices: list) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def full(self, text: str, finish: str, usage: Usage) -> dict:
+    def full(self, text: str, finish: str, usage: Usage, logprobs: dict | None = None) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:
             choice = {"index": 0, "text": text}
         kind = "chat.completion" if self.chat else "text_completion"
-        return {**self._object(kind, [{**choice, "logprobs": None, "finish_reason": finish}]),
+        return {**self._object(kind, [{**choice, "logprobs": logprobs, "finish_reason": finish}]),
                 "usage": usage.as_dict()}
 
-    def chunk(self, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+    def chunk(self, text: str | None = None, finish: str | None = None, role: bool = False,
+              logprobs: dict | None = None) -> dict:
         if self.chat:
             delta = {"role": "assistant"} if role else {}
             choice = {"index": 0, "delta": delta if text is None else {**delta, "content": text}}
         else:
             choice = {"index": 0, "text": text or ""}
-        return self._object(self._chunk_kind, [{**choice, "logprobs": None, "finish_reason": finish}])
+        return self._object(self._chunk_kind, [{**choice, "logprobs": logprobs, "finish_reason": finish}])
 
     def usage_chunk(self, usage: Usage) -> dict:
         return {**self._object(self._chunk_kind, []), "usage": usage.as_dict()}
@@ -146,49 +158,67 @@ async def _complete(request: Request, chat: bool) -> Response:
     body = check_body(await state.body(request),
                       _CHAT_VALIDATOR if chat else _COMPLETION_VALIDATOR)
     state.check_model(body["model"])
-    parsed = with_logit_bias(parse_request(to_workers_body(body, chat)), body.get("logit_bias"),
-                             state.engine.tokenizer.vocab_size)
+    parsed = with_openai_sampling(parse_request(to_workers_body(body, chat)), body, chat,
+                                  state.engine.tokenizer.vocab_size)
     prompt_ids = await state.prompt_ids(parsed)
     stop = body.get("stop")
     stops = StopFilter([stop] if isinstance(stop, str) else stop or ())
     generation = await state.admit(request, parsed, prompt_ids)
     reply = Reply(chat, body["model"])
+    logprobs = LogprobsFormat(state.engine.tokenizer, chat) if generation.with_logprobs else None
     if parsed.stream:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return EventStreamResponse(generation, _events(generation, reply, stops, include_usage, request.scope))
+        return EventStreamResponse(generation, _events(generation, reply, stops, include_usage, request.scope,
+                                                       logprobs))
     try:
-        text = await _collect(generation, stops)
+        text, token_logprobs = await _collect(generation, stops)
     finally:
         generation.close()
-    return json_response(reply.full(text, _finish(stops, generation.finished), generation.finished.usage))
+    rendered = logprobs.render(token_logprobs) if logprobs else None
+    return json_response(reply.full(text, _finish(stops, generation.finished), generation.finished.usage, rendered))
 
 
-async def _collect(generation: Generation, stops: StopFilter) -> str:
-    parts = []
+async def _collect(generation: Generation, stops: StopFilter) -> tuple[str, list[TokenLogprobs]]:
+    """The answer's text, cut at a stop string, and the log probabilities of the tokens up to the cut."""
+    parts, token_logprobs = [], []
     async for piece in generation.pieces():
+        if not stops.stopped:
+            token_logprobs += generation.piece_logprobs()
         parts.append(stops.feed(piece))
         if stops.stopped:
             generation.stop()  # keep reading: the usage comes with the last event
-    return "".join(parts) + stops.flush()
+    return "".join(parts) + stops.flush(), token_logprobs
 
 
-async def _events(generation: Generation, reply: Reply, stops: StopFilter, include_usage: bool, scope: Scope):
-    """OpenAI's stream: a role chunk (chat), text chunks, a finish chunk, [usage chunk], [DONE]."""
+async def _events(generation: Generation, reply: Reply, stops: StopFilter, include_usage: bool, scope: Scope,
+                  logprobs: LogprobsFormat | None = None):
+    """OpenAI's stream: a role chunk (chat), text chunks, a finish chunk, [usage chunk], [DONE]. A chunk's
+    log probabilities are those of the tokens since the last chunk (text a stop string holds back waits)."""
+    carried: list[TokenLogprobs] = []
+
+    def chunk(text: str) -> bytes:
+        nonlocal carried
+        rendered = logprobs.render(carried) if logprobs else None
+        carried = []
+        return sse_event(reply.chunk(text, logprobs=rendered))
+
     try:
         if reply.chat:
             yield sse_event(reply.chunk("", role=True))
         async for piece in generation.pieces():
+            if not stops.stopped:
+                carried += generation.piece_logprobs()
             text = stops.feed(piece)
             if text:
-                yield sse_event(reply.chunk(text))
+                yield chunk(text)
             if stops.stopped:
                 generation.stop()
     except LlmpackError as exc:
         yield error_event(scope, exc)
         return
     tail = stops.flush()
-    if tail:
-        yield sse_event(reply.chunk(tail))
+    if tail or carried:
+        yield chunk(tail)
     yield sse_event(reply.chunk(finish=_finish(stops, generation.finished)))
     if include_usage:
         yield sse_event(reply.usage_chunk(generation.finished.usage))

@@ -11,6 +11,8 @@ import copy
 import dataclasses
 
 from llmpack.runtime.sampling import LOGIT_BIAS_ENTRIES, LOGIT_BIAS_MAX, SEED_MAX, SEED_MIN, SamplingParams
+from llmpack.runtime.serve.openai_logprobs import CHAT_SCHEMA as LOGPROBS_CHAT
+from llmpack.runtime.serve.openai_logprobs import COMPLETION_SCHEMA as LOGPROBS_COMPLETION
 from llmpack.runtime.serve.protocol import SPEC
 
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(SamplingParams)}
@@ -78,8 +80,6 @@ UNSUPPORTED_OPENAI: dict[str, tuple[list, str]] = {
     "functions": ([None, []], "function calling"),
     "function_call": ([None, "none", "auto"], "function calling"),
     "response_format": ([None, {"type": "text"}], "structured output"),
-    "logprobs": ([None, False], "log probabilities"),
-    "top_logprobs": ([None, 0], "log probabilities"),
     "best_of": ([None, 1], "best-of sampling"),
     "echo": ([None, False], "echoing the prompt"),
     "suffix": ([None, ""], "insertion (suffix)"),
@@ -95,6 +95,7 @@ CHAT_REQUEST_SCHEMA = {
     "required": ["model", "messages"],
     "properties": {
         **_COMMON_OPENAI,
+        **LOGPROBS_CHAT,
         "max_completion_tokens": _nullable(_MAX_TOKENS),
         "messages": {"type": "array", "minItems": 1, "items": {
             "type": "object",
@@ -113,6 +114,7 @@ COMPLETION_REQUEST_SCHEMA = {
     "required": ["model", "prompt"],
     "properties": {
         **_COMMON_OPENAI,
+        **LOGPROBS_COMPLETION,
         "prompt": {"anyOf": [{"type": "string", "maxLength": 4096},
                              {"type": "array", "items": {"type": "string", "maxLength": 4096},
                               "minItems": 1, "maxItems": 1}]},

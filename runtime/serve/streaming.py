@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from llmpack.runtime.detokenizer import StreamingDetokenizer
 from llmpack.runtime.errors import LlmpackError
 from llmpack.runtime.generate import FINISH_CANCELLED
 from llmpack.runtime.request import GenerationRequest, Usage
+from llmpack.runtime.sampling import TokenLogprobs
 from llmpack.runtime.serve.access import request_id_of
 from llmpack.runtime.serve.admission import Admission, LoopTokens, ShuttingDown, client_error
 from llmpack.runtime.serve.http_edge import error_payload
@@ -39,7 +41,8 @@ class Finished:
 class Generation:
     """An admitted sequence: iterate `pieces()`, then `finished` holds the usage and why it ended."""
 
-    def __init__(self, tokens: LoopTokens, admission: Admission, tokenizer, watcher: asyncio.Task | None = None):
+    def __init__(self, tokens: LoopTokens, admission: Admission, tokenizer, watcher: asyncio.Task | None = None,
+                 with_logprobs: bool = False):
         self.tokens = tokens
         self._admission = admission
         self._detokenizer = StreamingDetokenizer(tokenizer)
@@ -49,6 +52,11 @@ class Generation:
         self._held: list[str] = []  # pieces read by first_text() and not yet given out
         self.finished: Finished | None = None
         self.first_text_at: float | None = None  # time.monotonic() when the first text reached the loop
+        # With log probabilities asked for: those of the tokens behind each piece, in the order pieces go out
+        # (piece_logprobs() hands them over), and those of tokens whose text is not a piece yet.
+        self.with_logprobs = with_logprobs
+        self._piece_logprobs: deque[list[TokenLogprobs]] = deque()
+        self._loose: list[TokenLogprobs] = []
 
     async def first_text(self) -> None:
         """Wait for the first text or the end; raises the client-facing error of a failed sequence."""
@@ -60,11 +68,17 @@ class Generation:
     async def _next(self) -> list[str]:
         """The pieces of the tokens that arrived together: one per token that completes text (a token that
         ends inside a UTF-8 character gives none), as TextStream gives them to the CLI."""
-        tokens, end = await self.tokens.take()
+        tokens, logprobs, end = await self.tokens.take()
         if tokens:
             self._generated += len(tokens)
             self._timer.arrived(len(tokens))
-        pieces = [piece for piece in map(self._detokenizer.add, tokens) if piece]
+        pieces = []
+        for token, token_logprobs in zip(tokens, logprobs):
+            piece = self._detokenizer.add(token)
+            if self.with_logprobs and token_logprobs is not None:
+                self._loose.append(token_logprobs)
+            if piece:
+                pieces.append(self._given_out(piece))
         if end is not None:
             reason, error = end
             if error is not None:
@@ -72,9 +86,20 @@ class Generation:
             if reason == FINISH_CANCELLED and self._admission.closed:
                 raise ShuttingDown("the server shut down before the request finished; send it again")
             tail = self._detokenizer.flush()
-            pieces += [tail] if tail else []
+            if tail or self._loose:  # tokens that never made text still report their log probabilities
+                pieces.append(self._given_out(tail))
             self.finished = Finished(Usage(len(self.tokens.prompt_ids), self._generated), reason)
         return pieces
+
+    def _given_out(self, piece: str) -> str:
+        if self.with_logprobs:
+            self._piece_logprobs.append(self._loose)
+            self._loose = []
+        return piece
+
+    def piece_logprobs(self) -> list[TokenLogprobs]:
+        """The log probabilities of the tokens behind the next piece read from pieces() / batches()."""
+        return self._piece_logprobs.popleft() if self._piece_logprobs else []
 
     async def batches(self) -> AsyncIterator[list[str]]:
         """The text pieces once, in batches of those that arrived together; raises the client-facing
@@ -113,7 +138,7 @@ async def admit(admission: Admission, request: Request, parsed: GenerationReques
     """Queue the request (429 when full) and wait for its first text while watching for a disconnect."""
     tokens = admission.submit(parsed, prompt_ids)
     watcher = asyncio.ensure_future(_cancel_on_disconnect(request, tokens))
-    generation = Generation(tokens, admission, tokenizer, watcher)
+    generation = Generation(tokens, admission, tokenizer, watcher, parsed.sampling.top_logprobs is not None)
     try:
         await generation.first_text()
     except BaseException:
