@@ -19,7 +19,7 @@ from onnx import helper
 from llmpack.export.checkpoint import Checkpoint, WeightReader
 from llmpack.export.graph import stream_graph
 from llmpack.export.onnx_writer import GraphWriter
-from llmpack.export.progress import progress_of
+from llmpack.export.progress import GRAPH_PHASE, progress_of
 from llmpack.export.quantize import CONTRIB_DOMAIN, QuantSpec, write_linear
 from llmpack.runtime import manifest as names
 from llmpack.runtime.backends import fused_interface as fused
@@ -143,7 +143,7 @@ class FusedLlamaGraph:
         cos_table, sin_table = rotary_cache(c, self.max_context + 1)
         cos, sin = g.weight("rotary.cos_cache", cos_table), g.weight("rotary.sin_cache", sin_table)
         mlp_out = None
-        for layer in progress_of(range(c.num_layers), c.num_layers, "writing the graph (quantizing where asked)", "layer", progress):
+        for layer in progress_of(range(c.num_layers), c.num_layers, GRAPH_PHASE, "layer", progress):
             prefix = f"model.layers.{layer}"
             normed, hidden = self.norm(hidden if mlp_out is None else mlp_out, f"{prefix}.input_layernorm.weight",
                                        None if mlp_out is None else hidden)

@@ -14,7 +14,7 @@ import numpy as np
 
 from llmpack.export.checkpoint import Checkpoint, WeightReader
 from llmpack.export.onnx_writer import NP_TO_ONNX, GraphWriter, value_info
-from llmpack.export.progress import progress_of
+from llmpack.export.progress import GRAPH_PHASE, progress_of
 from llmpack.export.quantize import QuantSpec, write_linear
 from llmpack.runtime import manifest as names
 from llmpack.runtime.manifest import ModelConfig, TensorSpec
@@ -171,7 +171,7 @@ class LlamaGraph:
         hidden = g.add("Gather", [g.weight("model.embed_tokens.weight", self._tensor("model.embed_tokens.weight")), names.INPUT_IDS])
         cos, sin = self.rotary(names.POSITION_IDS)
         bias = self.attention_bias(names.INPUT_IDS, names.ATTENTION_MASK)
-        for layer in progress_of(range(c.num_layers), c.num_layers, "writing the graph (quantizing where asked)", "layer", progress):
+        for layer in progress_of(range(c.num_layers), c.num_layers, GRAPH_PHASE, "layer", progress):
             prefix = f"model.layers.{layer}"
             normed = self.rms_norm(hidden, f"{prefix}.input_layernorm.weight")
             hidden = g.add("Add", [hidden, self.attention(layer, normed, cos, sin, bias)])

@@ -19,6 +19,7 @@ log = logging.getLogger("llmpack.export")
 T = TypeVar("T")
 
 EVERY_S = 10.0  # seconds between two log lines of one phase
+GRAPH_PHASE = "writing the graph (quantizing where asked)"  # the layers: quantization happens as each is written
 
 
 class Progress:

@@ -35,7 +35,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; ids checked against the vocab by the caller
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); the caller checks ids against the vocab
     # Report each token's log probability and this many most likely alternatives (None: report nothing).
     top_logprobs: int | None = None
 

@@ -24,7 +24,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 
-_ORDER_RULE = "roles must go user, assistant, user, … after an optional first system message"
+ORDER_RULE = "roles must go user, assistant, user, … after an optional first system message"
 
 
 @dataclass(frozen=True)
@@ -82,16 +82,16 @@ def _check_role(messages: tuple[Message, ...], i: int, offset: int) -> None:
     if role not in ROLES:
         raise InvalidRequest(f"messages[{i}].role: unknown role {role!r}; use 'system', 'user' or 'assistant'")
     if role == "system" and i > 0:
-        raise InvalidRequest(f"messages[{i}].role: a system message may only come first; {_ORDER_RULE}")
+        raise InvalidRequest(f"messages[{i}].role: a system message may only come first; {ORDER_RULE}")
     expected = "user" if (i - offset) % 2 == 0 else "assistant"
     if role == expected or i < offset:
         return
     if i > offset:
         raise InvalidRequest(
             f"messages[{i}].role: two {role!r} messages in a row (messages[{i - 1}] and "
-            f"messages[{i}]); {_ORDER_RULE}"
+            f"messages[{i}]); {ORDER_RULE}"
         )
-    raise InvalidRequest(f"messages[{i}].role: the conversation must start with 'user', got {role!r}; {_ORDER_RULE}")
+    raise InvalidRequest(f"messages[{i}].role: the conversation must start with 'user', got {role!r}; {ORDER_RULE}")
 
 
 def chat_ids(tokenizer: Tokenizer, messages: Sequence[Message | Mapping]) -> list[int]:

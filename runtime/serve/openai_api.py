@@ -32,11 +32,17 @@ _COMPLETION_VALIDATOR = jsonschema.Draft202012Validator(doc.COMPLETION_REQUEST_S
 _MESSAGE_MAX = 300
 
 
-def check_body(body: object, validator: jsonschema.Draft202012Validator) -> dict:
+def check_body(body: object, chat: bool) -> dict:
     """Raise InvalidRequest naming the field and the rule the body breaks."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     refuse_unsupported(body)
+    top = body.get("top_logprobs")
+    asks_top = isinstance(top, (int, float)) and not isinstance(top, bool) and top >= 1
+    if chat and asks_top and body.get("logprobs") is not True:
+        # The schema's if/then says the same; this says it in words.
+        raise InvalidRequest("top_logprobs: needs \"logprobs\": true", "top_logprobs")
+    validator = _CHAT_VALIDATOR if chat else _COMPLETION_VALIDATOR
     error = jsonschema.exceptions.best_match(validator.iter_errors(body))
     if error is not None:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
@@ -56,6 +62,7 @@ def refuse_unsupported(body: dict) -> None:
                                  f"(or send {json.dumps(neutral[-1])})", name)
     if body.get("n") not in (None, 1):
         raise InvalidRequest("n: one choice per request is supported; send n=1, or several requests", "n")
+
 
 
 def to_workers_body(body: dict, chat: bool) -> dict:
@@ -155,8 +162,7 @@ async def completions(request: Request) -> Response:
 
 async def _complete(request: Request, chat: bool) -> Response:
     state = request.app.state.llm
-    body = check_body(await state.body(request),
-                      _CHAT_VALIDATOR if chat else _COMPLETION_VALIDATOR)
+    body = check_body(await state.body(request), chat)
     state.check_model(body["model"])
     parsed = with_openai_sampling(parse_request(to_workers_body(body, chat)), body, chat,
                                   state.engine.tokenizer.vocab_size)

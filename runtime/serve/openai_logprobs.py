@@ -22,13 +22,14 @@ COMPLETION_LOGPROBS_MAX = 5  # the legacy route's own bound
 def requested_top(body: dict, chat: bool) -> int | None:
     """How many alternatives per token the body asks for; None when it asks for no log probabilities."""
     if not chat:
-        return body.get("logprobs")  # an integer 0..5 (the schema checked it), or None
-    top = body.get("top_logprobs")
+        top = body.get("logprobs")  # an integer 0..5 (the schema checked it; JSON may write it 5.0), or None
+        return None if top is None else int(top)
+    top = int(body.get("top_logprobs") or 0)
     if not body.get("logprobs"):
         if top:
             raise InvalidRequest("top_logprobs: needs \"logprobs\": true", "top_logprobs")
         return None
-    return top or 0
+    return top
 
 
 class LogprobsFormat:
@@ -62,6 +63,9 @@ class LogprobsFormat:
                 "text_offset": offsets}
 
 
+# top_logprobs > 0 asks for alternatives of log probabilities the body must ask for (OpenAI refuses it too).
+CHAT_RULE = {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
+             "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}
 CHAT_SCHEMA = {
     "logprobs": {"type": ["boolean", "null"]},
     "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": TOP_LOGPROBS_MAX},

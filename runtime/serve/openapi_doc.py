@@ -11,9 +11,11 @@ import copy
 import dataclasses
 
 from llmpack.runtime.sampling import LOGIT_BIAS_ENTRIES, LOGIT_BIAS_MAX, SEED_MAX, SEED_MIN, SamplingParams
+from llmpack.runtime.serve.openai_logprobs import CHAT_RULE as LOGPROBS_RULE
 from llmpack.runtime.serve.openai_logprobs import CHAT_SCHEMA as LOGPROBS_CHAT
 from llmpack.runtime.serve.openai_logprobs import COMPLETION_SCHEMA as LOGPROBS_COMPLETION
 from llmpack.runtime.serve.protocol import SPEC
+from llmpack.runtime.template import ROLES
 
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(SamplingParams)}
 
@@ -43,8 +45,11 @@ def workers_input_schema() -> dict:
     for branch in schema["oneOf"]:
         branch["properties"].update(copy.deepcopy(SAMPLING_PROPERTIES))
         branch["properties"]["max_tokens"]["minimum"] = 1
-    # The template needs a user message: an empty conversation is a 400, so the document says so too.
-    schema["oneOf"][1]["properties"]["messages"]["minItems"] = 1
+    # The template needs a user message: an empty conversation is a 400, so the document says so too; and
+    # it knows three roles (the published schema says only "string").
+    messages = schema["oneOf"][1]["properties"]["messages"]
+    messages["minItems"] = 1
+    messages["items"]["properties"]["role"]["enum"] = list(ROLES)
     return schema
 
 
@@ -93,6 +98,7 @@ _COMMON_OPENAI.update({name: {"enum": values} for name, (values, _) in UNSUPPORT
 CHAT_REQUEST_SCHEMA = {
     "type": "object",
     "required": ["model", "messages"],
+    **LOGPROBS_RULE,
     "properties": {
         **_COMMON_OPENAI,
         **LOGPROBS_CHAT,

@@ -121,7 +121,8 @@ class ServerState:
             await asyncio.sleep(0.05)
         cancelled = self.admission.in_flight
         await run_in_threadpool(self.admission.close, timeout)
-        log.info("drained: %s", f"{cancelled} requests cancelled at the timeout" if cancelled else "every request finished")
+        outcome = f"{cancelled} requests cancelled at the timeout" if cancelled else "every request finished"
+        log.info("drained: %s", outcome)
 
     async def warm_up(self) -> None:
         try:

@@ -41,11 +41,15 @@ def check_token_ids(body: object, vocab_size: int) -> list[int]:
     ids = body["tokens"]
     if not isinstance(ids, list) or len(ids) > MAX_DETOKENIZE_IDS:
         raise InvalidRequest(f"tokens: must be a list of at most {MAX_DETOKENIZE_IDS} token ids", "tokens")
+    out = []
     for index, token in enumerate(ids):
-        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+        # JSON has one number type: 254.0 is the integer 254 (as for every integer field of the API).
+        whole = isinstance(token, int) or (isinstance(token, float) and token.is_integer())
+        if isinstance(token, bool) or not whole or not 0 <= token < vocab_size:
             raise InvalidRequest(f"tokens[{index}]: {token!r} is not a token id of this model "
                                  f"(integers 0..{vocab_size - 1})", "tokens")
-    return ids
+        out.append(int(token))
+    return out
 
 
 def detokenize_schema(vocab_size: int | None = None) -> dict:
