@@ -22,6 +22,19 @@ def test_start_up_logs_one_line_with_url_and_model(demo_server):
     assert SERVER_API_KEY not in log
 
 
+def test_the_docs_page_works_offline_and_without_the_key(demo_server):
+    page = httpx.get(demo_server.base + "/docs")
+    assert page.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in page.text
+    assert "cdn" not in page.text.lower() and "https://" not in page.text  # nothing fetched from elsewhere
+    script = httpx.get(demo_server.base + "/docs-assets/swagger-ui-bundle.js")
+    assert script.status_code == 200 and len(script.content) > 100_000
+    spec = httpx.get(demo_server.base + "/openapi.json").json()
+    assert spec["components"]["securitySchemes"] == {"apiKey": {"type": "http", "scheme": "bearer"}}
+    assert spec["paths"]["/v1/models"]["get"]["security"] == [{"apiKey": []}]
+    assert spec["paths"]["/health"]["get"]["security"] == []
+    assert httpx.get(demo_server.base + "/docs-assets/../metrics").status_code in (401, 404)
+
+
 def test_probes_answer_without_the_key(demo_server):
     assert httpx.get(demo_server.base + "/health").json() == {"status": "ok"}
     assert httpx.get(demo_server.base + "/ready").json() == {"ready": True, "models": [WORKERS_MODEL, "demo"]}
@@ -30,7 +43,7 @@ def test_probes_answer_without_the_key(demo_server):
 @pytest.mark.parametrize("method,path", [("GET", "/metrics"), ("GET", "/v1/models"), ("POST", RUN), ("POST", REST),
                                          ("POST", "/tokenize"), ("POST", "/detokenize"),
                                          ("GET", "/v1/models/demo"), ("POST", "/v1/chat/completions"),
-                                         ("GET", "/openapi.json"), ("GET", "/no/such/route")])
+                                         ("GET", "/no/such/route")])
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", f"Basic {SERVER_API_KEY}",
                                            f"Bearer {SERVER_API_KEY[:-1]}"])
 def test_every_other_route_needs_the_key(demo_server, method, path, authorization):

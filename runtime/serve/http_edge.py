@@ -24,7 +24,11 @@ from llmpack.runtime.serve.protocol import decode_json
 
 log = logging.getLogger("llmpack.server")
 
-OPEN_PATHS = frozenset({"/health", "/ready"})  # probes work without the API key
+# Without the API key: the probes, and the documentation (the OpenAPI document, the /docs page and its
+# assets, served from the package: a browser cannot send a bearer key to load them, and they hold nothing
+# secret; every operation the page tries still needs the key, which its Authorize button takes).
+DOCS_ASSETS = "/docs-assets"
+OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
 # Cloudflare API codes for the HTTP-level failures that Workers AI's own table does not cover.
 CODE_AUTH, CODE_NO_ROUTE, CODE_METHOD = 10000, 7000, 7001
 _OPENAI_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
@@ -160,7 +164,8 @@ class ApiKeyMiddleware:
         self.key = api_key.encode("utf-8") if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.key is None or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or self.key is None or path in OPEN_PATHS or path.startswith(DOCS_ASSETS + "/"):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")

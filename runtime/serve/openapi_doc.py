@@ -11,6 +11,7 @@ import copy
 import dataclasses
 
 from llmpack.runtime.sampling import LOGIT_BIAS_ENTRIES, LOGIT_BIAS_MAX, SEED_MAX, SEED_MIN, SamplingParams
+from llmpack.runtime.serve.http_edge import OPEN_PATHS
 from llmpack.runtime.serve.openai_logprobs import CHAT_RULE as LOGPROBS_RULE
 from llmpack.runtime.serve.openai_logprobs import CHAT_SCHEMA as LOGPROBS_CHAT
 from llmpack.runtime.serve.openai_logprobs import COMPLETION_SCHEMA as LOGPROBS_COMPLETION
@@ -168,3 +169,33 @@ def success_response(schema: dict, streams: bool) -> dict:
                                              "midway ends with the route's JSON error instead"}}}
         content["text/event-stream"] = {"schema": event}
     return {200: {"description": "The answer", "content": content}}
+
+
+def document_models(app, models: tuple[str, ...], keyed: bool) -> None:
+    """Name the served models in the OpenAPI document: `model` in a path or an OpenAI body is one of them.
+
+    Known only once the artifact is loaded, so patched into the generated document; the OpenAI
+    validators keep accepting any string (an unknown model is a 404, as OpenAI answers it).
+    """
+    generate = app.openapi
+
+    def openapi() -> dict:
+        spec = generate()
+        if keyed:  # the page's Authorize button: a bearer key for every operation but the open ones
+            spec.setdefault("components", {})["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+            for path, item in spec["paths"].items():
+                for operation in item.values():
+                    operation["security"] = [] if path in OPEN_PATHS else [{"apiKey": []}]
+        for operation in (op for item in spec["paths"].values() for op in item.values()):
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "model" and parameter["in"] == "path":
+                    parameter["schema"] = {"type": "string", "enum": list(models)}
+            # A copy: the document must never alias the schemas the OpenAI validators hold.
+            content = copy.deepcopy(operation.get("requestBody", {}).get("content", {}))
+            body = content.get("application/json", {}).get("schema", {})
+            if "model" in body.get("properties", {}):
+                body["properties"]["model"] = {"type": "string", "enum": list(models)}
+                operation["requestBody"]["content"] = content
+        return spec
+
+    app.openapi = openapi

@@ -7,7 +7,6 @@ all generation behaviour comes from the engine. The OpenAI-compatible routes liv
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import secrets
 import time
@@ -15,6 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi_offline import FastAPIOffline
 from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Scope
@@ -26,6 +26,7 @@ from llmpack.runtime.serve import openapi_doc as doc
 from llmpack.runtime.serve.access import RequestRecord
 from llmpack.runtime.serve.admission import Admission
 from llmpack.runtime.serve.http_edge import (
+    DOCS_ASSETS,
     ApiKeyMiddleware,
     UnknownModel,
     install_error_handlers,
@@ -225,11 +226,15 @@ async def metrics(request: Request) -> Response:
 def create_app(engine, settings: ServerSettings = ServerSettings()) -> FastAPI:
     """The ASGI app over a loaded engine; the lifespan starts the worker and the warm-up."""
     state = ServerState(engine, settings)
-    app = FastAPI(
+    # fastapi-offline: FastAPI with /docs served from assets in the package (FastAPI's own page loads Swagger
+    # UI from a CDN, blank on an appliance with no internet).
+    app = FastAPIOffline(
         title="llmpack",
         summary=f"{engine.model_name} behind the Workers AI schema of {MODEL_NAME}, plus OpenAI-compatible routes",
         lifespan=_lifespan,
         redoc_url=None,
+        static_url=DOCS_ASSETS,
+        favicon_url="data:,",
         middleware=[Middleware(RequestRecord, metrics=state.metrics),
                     Middleware(ApiKeyMiddleware, api_key=settings.api_key)],
     )
@@ -238,33 +243,8 @@ def create_app(engine, settings: ServerSettings = ServerSettings()) -> FastAPI:
     _add_workers_routes(app)
     token_routes.add_routes(app, doc.request_body(doc.workers_input_schema()), engine.tokenizer.vocab_size)
     openai_api.add_routes(app)
-    _document_models(app, state.models)
+    doc.document_models(app, state.models, settings.api_key is not None)
     return app
-
-
-def _document_models(app: FastAPI, models: tuple[str, ...]) -> None:
-    """Name the served models in the OpenAPI document: `model` in a path or an OpenAI body is one of them.
-
-    Known only once the artifact is loaded, so patched into the generated document; the OpenAI
-    validators keep accepting any string (an unknown model is a 404, as OpenAI answers it).
-    """
-    generate = app.openapi
-
-    def openapi() -> dict:
-        spec = generate()
-        for operation in (op for item in spec["paths"].values() for op in item.values()):
-            for parameter in operation.get("parameters", []):
-                if parameter["name"] == "model" and parameter["in"] == "path":
-                    parameter["schema"] = {"type": "string", "enum": list(models)}
-            # A copy: the document must never alias the schemas the OpenAI validators hold.
-            content = copy.deepcopy(operation.get("requestBody", {}).get("content", {}))
-            body = content.get("application/json", {}).get("schema", {})
-            if "model" in body.get("properties", {}):
-                body["properties"]["model"] = {"type": "string", "enum": list(models)}
-                operation["requestBody"]["content"] = content
-        return spec
-
-    app.openapi = openapi
 
 
 def _add_workers_routes(app: FastAPI) -> None:
@@ -284,7 +264,8 @@ def _add_workers_routes(app: FastAPI) -> None:
     app.add_api_route("/ready", ready, methods=["GET"], responses={
         **doc.success_response(ready_yes, streams=False),
         503: {"description": "Not ready yet", "content": {"application/json": {"schema": ready_no}}}})
-    app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
+    app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse,
+                      responses=doc.error_responses(False, (401,)))
 
 
 @asynccontextmanager
