@@ -18,7 +18,7 @@ import pytest
 from serving import free_port, metric, parse_sse
 
 from llmpack.runtime.engine import Engine, EngineOptions
-from llmpack.runtime.errors import CapacityExceeded
+from llmpack.runtime.errors import CapacityExceeded, LlmpackError
 from llmpack.runtime.generate import FINISH_CANCELLED
 from llmpack.runtime.serve.admission import Admission, ShuttingDown
 from llmpack.runtime.serve.metrics import Metrics
@@ -204,6 +204,27 @@ def test_tokens_ready_together_cross_in_one_wake_up(tokenizer):
 
     ids, logprobs, end = asyncio.run(scenario())
     assert ids == answer_ids(tokenizer) and end == ("length", None) and logprobs == [None] * len(ids)
+
+
+def test_text_taken_with_a_failure_goes_out_before_the_error(tokenizer):
+    """A loop that falls behind takes the tokens and the failure in one hand-off: the text is not lost."""
+    async def scenario():
+        engine = scripted_engine(tokenizer)
+        admission = Admission(engine, max_queue=4)
+        generation = admit(admission, BOOM)  # two tokens, then the step that makes the third fails
+        time.sleep(0.5)  # the loop is blocked: both tokens and the failure arrive before it takes any
+        pieces, error = [], None
+        try:
+            async for piece in generation.pieces():
+                pieces.append(piece)
+        except LlmpackError as exc:
+            error = exc
+        engine.close()
+        return pieces, error
+
+    pieces, error = asyncio.run(scenario())
+    assert "".join(pieces) == tokenizer.decode(answer_ids(tokenizer)[:2])
+    assert error is not None and error.http_status == 500
 
 
 def test_tokens_taken_together_keep_the_pieces_the_cli_prints(tokenizer):

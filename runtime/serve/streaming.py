@@ -55,6 +55,8 @@ class Generation:
         # With log probabilities asked for: those of the tokens behind each piece, in the order pieces go out
         # (piece_logprobs() hands them over), and those of tokens whose text is not a piece yet.
         self.with_logprobs = with_logprobs
+        # A failure that came in the same hand-off as text: raised at the next read, after that text is out.
+        self._failure: LlmpackError | None = None
         self._piece_logprobs: deque[list[TokenLogprobs]] = deque()
         self._loose: list[TokenLogprobs] = []
 
@@ -68,6 +70,8 @@ class Generation:
     async def _next(self) -> list[str]:
         """The pieces of the tokens that arrived together: one per token that completes text (a token that
         ends inside a UTF-8 character gives none), as TextStream gives them to the CLI."""
+        if self._failure is not None:
+            raise self._failure
         tokens, logprobs, end = await self.tokens.take()
         if tokens:
             self._generated += len(tokens)
@@ -81,10 +85,14 @@ class Generation:
                 pieces.append(self._given_out(piece))
         if end is not None:
             reason, error = end
-            if error is not None:
-                raise client_error(error)
-            if reason == FINISH_CANCELLED and self._admission.closed:
-                raise ShuttingDown("the server shut down before the request finished; send it again")
+            failure = client_error(error) if error is not None else None
+            if failure is None and reason == FINISH_CANCELLED and self._admission.closed:
+                failure = ShuttingDown("the server shut down before the request finished; send it again")
+            if failure is not None:
+                if pieces:  # the loop took the tokens and the failure together: the text goes out first
+                    self._failure = failure
+                    return pieces
+                raise failure
             tail = self._detokenizer.flush()
             if tail or self._loose:  # tokens that never made text still report their log probabilities
                 pieces.append(self._given_out(tail))
