@@ -6,15 +6,20 @@ cache (== transformers `generate`), and cached decode ≈ a full forward of the 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from llmpack.export import quality
+from llmpack.runtime import manifest as names
 from llmpack.runtime.artifact import open_artifact, open_backend
+from llmpack.runtime.backends.ort_cpu import available_memory
 from llmpack.runtime.errors import CheckpointError
 from llmpack.runtime.manifest import digest_file
+
+log = logging.getLogger("llmpack.export")
 
 # fp32 must match to float rounding; fp16 must keep the answer (the greedy tokens).
 LOGIT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
@@ -56,15 +61,37 @@ def relative_error(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return max_abs, max_abs / max(float(np.max(np.abs(ref))), 1e-12)
 
 
-def _load_reference(source: Path):
+def _load_reference(source: Path, dtype: str = "fp32"):
     import torch
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    model = LlamaForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(str(source), dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     return model.eval()
+
+
+def reference_dtype(manifest, available: int | None) -> str:
+    """fp32 for the PyTorch reference when it fits beside the artifact, else bf16 — for quantized artifacts only.
+
+    A 7B model is 27 GB in fp32, more than a 24 GiB machine has. Quantized artifacts are judged on their
+    predictions, where a bf16 reference is as good a judge: on stories260k the bf16 model's own distance from
+    the fp32 one is KL 3.2e-4 nats with every decided top-1 kept, while the limits are KL 0.01 (int8) and
+    0.15 (int4); judged by either reference, int4 measured KL 0.091 / 0.090 and int8 5.4e-4 / 8.7e-4
+    (docs/performance.md). fp32 / fp16 artifacts are held to logit tolerances only an fp32 reference meets.
+    """
+    weights = sum(f.size for f in manifest.files if f.path == names.WEIGHTS_FILE)
+    needed = 1.1 * (4 * manifest.config.parameters + weights * (2 if manifest.dtype == "fp16" else 1))
+    if available is None or needed <= available:
+        return "fp32"
+    if manifest.quant is not None:
+        log.info("the fp32 reference does not fit (%.1f GiB needed, %.1f available): verifying against bf16",
+                 needed / 2**30, available / 2**30)
+        return "bf16"
+    raise CheckpointError(f"verify needs about {needed / 2**30:.1f} GiB for the fp32 reference beside the artifact, "
+                          f"{available / 2**30:.1f} GiB are available; run it on a machine with more memory "
+                          "(a quantized artifact is verified against a bf16 reference, half the size)")
 
 
 def reference_source(manifest, given: Path | None) -> Path:
@@ -120,22 +147,33 @@ def parity_checks(backend, prompt: list[int], reference: tuple[np.ndarray, list[
     ref_logits, ref_tokens = reference
     step_logits, tokens = _artifact_greedy(backend, prompt, steps)
     prefill_abs, prefill_rel = relative_error(step_logits[0], ref_logits)
-    worst_cache = 0.0
-    for step in range(1, steps, max(1, steps // 4)):
-        full = backend.prefill(0, prompt + tokens[:step])
-        backend.reset(0)
-        worst_cache = max(worst_cache, relative_error(step_logits[step], full)[1])
     first_diff = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
     return (
-        Check("prefill logits rel. error", f"{prefill_rel:.2e} (max abs {prefill_abs:.2e})", f"< {tolerance:.0e}", prefill_rel < tolerance),
+        Check("prefill logits rel. error", f"{prefill_rel:.2e} (max abs {prefill_abs:.2e})", f"< {tolerance:.0e}",
+              prefill_rel < tolerance),
         Check(
             f"greedy {steps} tokens vs transformers generate",
             "identical" if first_diff is None else f"differ from token {first_diff}",
             "identical",
             first_diff is None,
         ),
-        Check("KV-cache decode vs full forward", f"{worst_cache:.2e}", f"< {tolerance:.0e}", worst_cache < tolerance),
+        _cache_check(backend, prompt, step_logits, tokens, tolerance),
     )
+
+
+def cache_check(backend, prompt: list[int], steps: int, tolerance: float) -> Check:
+    """Cached decode ≈ a full forward of the same tokens: the artifact against itself, no reference needed."""
+    step_logits, tokens = _artifact_greedy(backend, prompt, steps)
+    return _cache_check(backend, prompt, step_logits, tokens, tolerance)
+
+
+def _cache_check(backend, prompt: list[int], step_logits, tokens: list[int], tolerance: float) -> Check:
+    worst_cache = 0.0
+    for step in range(1, len(tokens), max(1, len(tokens) // 4)):
+        full = backend.prefill(0, prompt + tokens[:step])
+        backend.reset(0)
+        worst_cache = max(worst_cache, relative_error(step_logits[step], full)[1])
+    return Check("KV-cache decode vs full forward", f"{worst_cache:.2e}", f"< {tolerance:.0e}", worst_cache < tolerance)
 
 
 def verify(artifact_path: Path | str, steps: int = 32, prompt_length: int = 16, seed: int = 0,
@@ -149,12 +187,15 @@ def verify(artifact_path: Path | str, steps: int = 32, prompt_length: int = 16, 
     rng = np.random.default_rng(seed)
     prompt = [manifest.bos_token_id] + rng.integers(3, manifest.config.vocab_size, prompt_length - 1).tolist()
 
-    model = _load_reference(reference_source(manifest, source))
+    ref_dtype = reference_dtype(manifest, available_memory())
+    model = _load_reference(reference_source(manifest, source), ref_dtype)
     runner = open_backend(artifact, backend)
-    checks = parity_checks(runner, prompt, _reference_greedy(model, prompt, steps), steps, tolerance)
-    if manifest.quant is not None:  # int8/int4 are judged on their predictions, not on 1e-4 logits
+    if manifest.quant is None:
+        checks = parity_checks(runner, prompt, _reference_greedy(model, prompt, steps), steps, tolerance)
+    else:  # int8/int4 are judged on their predictions, not on 1e-4 logits; the cache check needs no reference
         measured = quality.measure(model, runner, artifact.tokenizer_path, manifest.bos_token_id, manifest.max_context)
-        checks = (*(Check(*row) for row in quality.judge(manifest.quant.method, measured)), checks[2])
+        checks = (*(Check(*row) for row in quality.judge(manifest.quant.method, measured)),
+                  cache_check(runner, prompt, steps, tolerance))
     label = ", ".join([manifest.dtype, manifest.graph_flavour] + ([manifest.quant.method] if manifest.quant else [])
-                      + [runner.name])
+                      + [runner.name] + (["bf16 reference"] if ref_dtype == "bf16" else []))
     return ParityReport(str(artifact.path), label, checks)

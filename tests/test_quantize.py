@@ -10,12 +10,13 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from llmpack.export.build import BuildOptions, build
+from llmpack.export.build import BuildOptions, build, resolve_source
 from llmpack.export.quality import THRESHOLDS, compare
 from llmpack.export.quantize import QuantSpec, dequantize, pack, quantize, unpack
 from llmpack.export.verify import verify
 from llmpack.runtime import manifest as names
-from llmpack.runtime.errors import BuildError
+from llmpack.runtime.artifact import open_artifact
+from llmpack.runtime.errors import BuildError, CheckpointError
 from llmpack.runtime.manifest import BuildManifest, read_manifest
 
 
@@ -118,3 +119,26 @@ def test_bad_quant_options_are_refused(tmp_path):
         build(BuildOptions(model="demo", out=tmp_path / "x", dtype="fp16", quant="int8"))
     with pytest.raises(BuildError, match="--block-size"):
         build(BuildOptions(model="demo", out=tmp_path / "x", quant="int8", block_size=24))
+
+
+def test_without_room_for_an_fp32_reference_a_quantized_artifact_is_verified_against_bf16(tmp_path, monkeypatch):
+    import llmpack.export.verify as verify_module
+
+    source = resolve_source("stories260k")
+    artifact = build(BuildOptions(model=str(source), out=tmp_path / "int4", graph="ort-fused", quant="int4")).path
+    manifest = open_artifact(artifact).manifest
+    assert verify_module.reference_dtype(manifest, None) == "fp32"
+    assert verify_module.reference_dtype(manifest, 1 << 40) == "fp32"
+    monkeypatch.setattr(verify_module, "available_memory", lambda: 4 * manifest.config.parameters)  # fp32 won't fit
+    report = verify(artifact)
+    assert report.ok, report.table()
+    assert "bf16 reference" in report.dtype and "top-1 agreement" in report.table()
+
+
+def test_without_room_for_an_fp32_reference_an_fp32_artifact_is_refused_up_front(tmp_path, monkeypatch):
+    import llmpack.export.verify as verify_module
+
+    artifact = build(BuildOptions(model=str(resolve_source("stories260k")), out=tmp_path / "fp32")).path
+    monkeypatch.setattr(verify_module, "available_memory", lambda: 1 << 20)
+    with pytest.raises(CheckpointError, match=r"GiB for the fp32 reference .* bf16 reference, half the size"):
+        verify(artifact)
