@@ -270,3 +270,13 @@ def test_bad_logprobs_requests_are_400s(client, kwargs, words):
 def test_without_logprobs_the_field_is_null(client):
     answer = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=2, temperature=0)
     assert answer.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("field,value", [("temperature", 9), ("top_k", 51), ("top_p", -1), ("seed", 0),
+                                         ("repetition_penalty", 0), ("stream", "yes")])
+def test_a_rule_reads_the_same_on_both_api_families(demo_http, field, value):
+    workers = demo_http.post(RUN, json={"prompt": "hi", field: value}).json()["errors"][0]["message"]
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], field: value}
+    openai_error = demo_http.post("/v1/chat/completions", json=body).json()["error"]
+    assert openai_error["message"] == workers and workers.startswith(f"{field}: must be ")
+    assert openai_error["param"] == field

@@ -23,13 +23,12 @@ from llmpack.runtime.sampling import TokenLogprobs
 from llmpack.runtime.serve import openapi_doc as doc
 from llmpack.runtime.serve.http_edge import json_response
 from llmpack.runtime.serve.openai_logprobs import LogprobsFormat, requested_top
-from llmpack.runtime.serve.protocol import SSE_DONE, parse_request, sse_event
+from llmpack.runtime.serve.protocol import SSE_DONE, check_schema, parse_request, sse_event
 from llmpack.runtime.serve.streaming import EventStreamResponse, Finished, Generation, StopFilter, error_event
 
 _SAMPLING = tuple(doc.SAMPLING_PROPERTIES)
 _CHAT_VALIDATOR = jsonschema.Draft202012Validator(doc.CHAT_REQUEST_SCHEMA)
 _COMPLETION_VALIDATOR = jsonschema.Draft202012Validator(doc.COMPLETION_REQUEST_SCHEMA)
-_MESSAGE_MAX = 300
 
 
 def check_body(body: object, chat: bool) -> dict:
@@ -42,14 +41,7 @@ def check_body(body: object, chat: bool) -> dict:
     if chat and asks_top and body.get("logprobs") is not True:
         # The schema's if/then says the same; this says it in words.
         raise InvalidRequest("top_logprobs: needs \"logprobs\": true", "top_logprobs")
-    validator = _CHAT_VALIDATOR if chat else _COMPLETION_VALIDATOR
-    error = jsonschema.exceptions.best_match(validator.iter_errors(body))
-    if error is not None:
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
-        # jsonschema's message quotes the offending value whole: up to the body size, so shortened.
-        message = error.message if len(error.message) <= _MESSAGE_MAX else error.message[:_MESSAGE_MAX] + "…"
-        param = str(error.absolute_path[0]) if error.absolute_path else None
-        raise InvalidRequest(f"{where or 'request'}: {message}", param)
+    check_schema(_CHAT_VALIDATOR if chat else _COMPLETION_VALIDATOR, body)
     return body
 
 

@@ -146,13 +146,19 @@ def _check_finite(body: dict) -> None:
 
 
 def _check_schema(validator: jsonschema.Draft202012Validator, body: dict) -> None:
-    # Report the error that comes first in the body, so messages[2] wins over messages[10].
+    check_schema(validator, body)
+
+
+def check_schema(validator: jsonschema.Draft202012Validator, body: dict) -> None:
+    """InvalidRequest for the error that comes first in the body (messages[2] before messages[10]), worded
+    as every route words it: both API families go through here, so a rule reads the same on each."""
     def position(error: jsonschema.ValidationError) -> list[str]:
         return [f"{p:09d}" if isinstance(p, int) else p for p in error.absolute_path]
 
     errors = sorted(validator.iter_errors(body), key=lambda e: (position(e), e.validator))
     if errors:
-        raise InvalidRequest(_describe(errors[0]))
+        top = errors[0].absolute_path[0] if errors[0].absolute_path else None
+        raise InvalidRequest(_describe(errors[0]), str(top) if top is not None else None)
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -163,11 +169,34 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"{_path([*error.absolute_path, missing])}: is required"
     if error.validator == "maxLength":
         return f"{where}: is longer than {error.validator_value} characters (got {len(error.instance)})"
+    if error.validator in ("minimum", "maximum", "exclusiveMinimum") and "maximum" in error.schema:
+        return f"{where}: must be {_range(error.schema)}, got {_show(error.instance)}"
+    if error.validator in ("enum", "const"):
+        allowed = error.schema.get("enum", [error.schema.get("const")])
+        return f"{where}: must be {' or '.join(json.dumps(v) for v in allowed)}, got {_show(error.instance)}"
+    if error.validator in ("minItems", "maxItems"):
+        bound = "at least" if error.validator == "minItems" else "at most"
+        return f"{where}: must hold {bound} {error.validator_value} items, got {len(error.instance)}"
     return f"{where}: must be {_expectation(error.schema)}, got {_show(error.instance)}"
 
 
-def _expectation(schema: dict) -> str:
+def _range(schema: dict) -> str:
+    """The words SamplingParams.validate uses for the same bounds."""
+    high = schema["maximum"]
+    if "exclusiveMinimum" in schema:
+        return f"greater than {schema['exclusiveMinimum']:g} and at most {high:g}"
+    if "integer" in _types(schema):
+        return f"an integer from {schema.get('minimum')} to {high}"
+    return f"between {schema.get('minimum', 0):g} and {high:g}"
+
+
+def _types(schema: dict) -> list[str]:
     kind = schema.get("type")
+    return kind if isinstance(kind, list) else [kind]
+
+
+def _expectation(schema: dict) -> str:
+    kind = next((k for k in _types(schema) if k != "null"), None)
     if kind == "integer":
         return "an integer" + (f" ≥ {schema['minimum']}" if "minimum" in schema else "")
     if kind == "string":
