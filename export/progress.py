@@ -71,6 +71,40 @@ def progress_of(items: Iterable[T], total: int, phase: str, unit: str, tty: bool
         progress.close()
 
 
+def tensorrt_progress_monitor(trt, tty: bool):
+    """A trt.IProgressMonitor (TensorRT 10+) reporting the engine build's top-level phases as Progress phases.
+
+    TensorRT calls it from its own threads, hence the lock; nested phases repeat inside their parent's and
+    are left out. Set it as `builder_config.progress_monitor` and keep it alive until the build returns.
+    """
+    import threading
+
+    class EngineBuildProgress(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self._lock = threading.Lock()
+            self._phases: dict[str, Progress] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if parent_phase is None:
+                with self._lock:
+                    self._phases[phase_name] = Progress(f"TensorRT: {phase_name}", num_steps, "step", tty)
+
+        def step_complete(self, phase_name, step):
+            with self._lock:
+                if phase_name in self._phases:
+                    self._phases[phase_name].advance()
+            return True  # never cancels the build
+
+        def phase_finish(self, phase_name):
+            with self._lock:
+                phase = self._phases.pop(phase_name, None)
+            if phase is not None:
+                phase.close()
+
+    return EngineBuildProgress()
+
+
 def digest_files(folder: Path, relatives: Sequence[str], phase: str, tty: bool) -> tuple[FileDigest, ...]:
     """SHA-256 and size of each file, as one phase whose progress is the bytes hashed."""
     progress = Progress(phase, sum((folder / name).stat().st_size for name in relatives), "B", tty)

@@ -24,11 +24,13 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmpack.export.build import BuildResult, build, build_lock
 from llmpack.export.options import BuildOptions, EngineBuildOptions, resolve_graph
+from llmpack.export.progress import tensorrt_progress_monitor
 from llmpack.runtime import __version__
 from llmpack.runtime import manifest as names
 from llmpack.runtime.backends.cuda_device import GPU_EXTRA, GpuInfo, probe_gpu, tensorrt_version
@@ -192,6 +194,8 @@ def _run_tensorrt(onnx_path: Path, config: ModelConfig, profiles, options: Engin
     builder = trt.Builder(logger)
     network, _parser = _parse(trt, builder, logger, onnx_path)
     builder_config = _builder_config(trt, builder, config, profiles, options, cache)
+    monitor = tensorrt_progress_monitor(trt, sys.stderr.isatty())  # alive until the build returns
+    builder_config.progress_monitor = monitor
     log.info("building the TensorRT engine (minutes for a 7B model; the timing cache makes a rebuild quick)")
     plan = builder.build_serialized_network(network, builder_config)
     if plan is None:

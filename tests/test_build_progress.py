@@ -46,3 +46,29 @@ def test_progress_of_yields_every_item_and_closes_on_early_exit(caplog):
     assert next(items) == 0 and next(items) == 1  # the first item's work is done once the second is asked for
     items.close()
     assert any(record.getMessage().startswith("cut: done, 1 layer in ") for record in caplog.records)
+
+
+def test_tensorrt_build_phases_are_reported_with_its_progress_monitor(caplog):
+    """TensorRT cannot be installed here: its IProgressMonitor is stood in for by a plain base class with
+    the same three calls, made as TensorRT 10 makes them (a nested phase inside a top-level one)."""
+    from types import SimpleNamespace
+
+    from llmpack.export.progress import tensorrt_progress_monitor
+
+    class IProgressMonitor:
+        def __init__(self):
+            pass
+
+    caplog.set_level(logging.INFO, logger="llmpack.export")
+    monitor = tensorrt_progress_monitor(SimpleNamespace(IProgressMonitor=IProgressMonitor), tty=False)
+    assert isinstance(monitor, IProgressMonitor)
+    monitor.phase_start("Building engine", None, 3)
+    monitor.phase_start("Tactic selection", "Building engine", 40)  # nested: not reported on its own
+    assert all(monitor.step_complete("Tactic selection", i) for i in range(40))
+    monitor.phase_finish("Tactic selection")
+    assert all(monitor.step_complete("Building engine", i) for i in range(3))  # never cancels the build
+    monitor.phase_finish("Building engine")
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[0] == "TensorRT: Building engine: 3 steps to do"
+    assert messages[-1].startswith("TensorRT: Building engine: done, 3 steps in ")
+    assert not any("Tactic selection" in message for message in messages)
