@@ -5,10 +5,11 @@ built-in checks see status codes and JSON bodies; these add what they cannot: no
 internal detail in any body, and an event stream that is well framed to its end.
 
 The positive-data acceptance check (a schema-valid body must not get a 4xx) holds for every rule JSON
-Schema can state — the document declares those. Two rules it cannot state are the only 400s let through
-(`filter_failure`): the input limit counted in tokens (3030: "prompt is N tokens, the limit is M") and
-the chat template's turn rules (role order, a turn-tag in content); tests/test_hostile_api.py and
-tests/test_template.py check those 400s by hand.
+Schema can state — the document declares those. Three rules it cannot state are the only 400s let through
+(`filter_failure`): the input limit counted in tokens (3030: "prompt is N tokens, the limit is M"), the
+chat template's turn rules (role order, a turn-tag in content), and logit_bias ids past the loaded model's
+vocabulary (they are the keys of an object: JSON Schema bounds a key's pattern, not its number);
+tests/test_hostile_api.py, tests/test_template.py and tests/test_openai_compat.py check those 400s by hand.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ def event_streams_are_well_framed(ctx, response, case):
     return None
 
 
-# The template's turn rules, as its messages word them (runtime/template.py).
+# The template's turn rules, as its messages word them (runtime/template.py), and the vocabulary bound of
+# logit_bias keys (runtime/serve/openai_api.py).
 TURN_RULES = (ORDER_RULE, "has only a system message", "the last message must come from 'user'",
-              "which would inject into the Llama-2 turn structure")
+              "which would inject into the Llama-2 turn structure", "is not in this model's vocabulary")
 
 
 @schemathesis.hook

@@ -56,7 +56,7 @@ def test_schemathesis_finds_no_failure_on_any_route(hostile_server, tmp_path):
     seed = os.environ.get("LLMPACK_FUZZ_SEED", "1")  # empty: a fresh seed, printed in the output
     command = [ST, "run", hostile_server.base + "/openapi.json", "--header", f"Authorization: Bearer {SERVER_API_KEY}",
                # Every check, positive-data acceptance included: the document declares what the server
-               # enforces; the two rules JSON Schema cannot state are let through by fuzz_hooks.filter_failure.
+               # enforces; the three rules JSON Schema cannot state are let through by fuzz_hooks.filter_failure.
                "--checks", "all",
                "--max-examples", examples, "--generation-database", "none", "--request-timeout", "30",
                "--no-color", *(["--seed", seed] if seed else [])]
@@ -183,5 +183,7 @@ def test_the_fuzz_filter_lets_through_only_the_rules_json_schema_cannot_state():
     assert not kept(400, {"code": "3030", "message": "prompt is 4097 tokens, the limit is 63; …"})
     assert not kept(400, {"code": "5006", "message": f"messages[1].role: two 'user' …; {fuzz_hooks.ORDER_RULE}"})
     assert kept(400, {"code": "5006", "message": "temperature: must be between 0 and 5, got 9"})
+    assert not kept(400, {"code": "5006",
+                          "message": "logit_bias: token id 1538 is not in this model's vocabulary (0..511)"})
     assert kept(500, {"code": "3030", "message": "prompt is 4097 tokens"})
     assert kept(400, {"code": "3030", "message": "x"}, title="Undocumented HTTP status code")

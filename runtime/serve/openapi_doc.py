@@ -50,6 +50,8 @@ def workers_input_schema() -> dict:
     # it knows three roles (the published schema says only "string").
     messages = schema["oneOf"][1]["properties"]["messages"]
     messages["minItems"] = 1
+    # One or the other, never both (a body with both would still match one branch of the published oneOf).
+    schema["oneOf"][0]["not"], schema["oneOf"][1]["not"] = {"required": ["messages"]}, {"required": ["prompt"]}
     messages["items"]["properties"]["role"]["enum"] = list(ROLES)
     return schema
 
