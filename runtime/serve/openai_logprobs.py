@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from llmpack.runtime.errors import InvalidRequest
 from llmpack.runtime.sampling import TOP_LOGPROBS_MAX, TokenLogprobs
 
 COMPLETION_LOGPROBS_MAX = 5  # the legacy route's own bound
@@ -24,12 +23,9 @@ def requested_top(body: dict, chat: bool) -> int | None:
     if not chat:
         top = body.get("logprobs")  # an integer 0..5 (the schema checked it; JSON may write it 5.0), or None
         return None if top is None else int(top)
-    top = int(body.get("top_logprobs") or 0)
     if not body.get("logprobs"):
-        if top:
-            raise InvalidRequest("top_logprobs: needs \"logprobs\": true", "top_logprobs")
-        return None
-    return top
+        return None  # top_logprobs > 0 without logprobs was refused when the body was checked
+    return int(body.get("top_logprobs") or 0)
 
 
 class LogprobsFormat:
