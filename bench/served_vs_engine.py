@@ -12,9 +12,12 @@ Every round starts a fresh worker per artifact (and a fresh llama-server per GGU
 --gguf NAME=PATH, its native /completion route, the same client process code), order rotated.
 Per request: TTFT = request sent → first text; decode tok/s = (completion tokens − 1) / (end − first text).
 Batch 1 is one client; batch N is N clients at once (aggregate tok/s over the wall time). TTFT is also
-measured on its own, with more samples: `--ttft-requests` one-token requests from one client per pair (a
-128-token prefill varies by ±10 % from request to request, which hides a few milliseconds of serving in
-the handful of long requests of a decode level).
+measured on its own, interleaved request by request: `--ttft-requests` times, the engine, a served request
+and a lean served request one after the other (order rotated; the two clients are processes of their own
+that wait on a pipe between requests), and served − engine is taken within each such triple. A 128-token
+prefill varies by ±10 % (±15 ms) from request to request and this VM's bandwidth drifts over seconds, so
+a few milliseconds of serving show only in many adjacent differences: the report gives their median and a
+95 % confidence interval of that median (order statistics; no distribution assumed).
 Writes bench/results/served-vs-engine-<date><label>.md.
 """
 
@@ -90,11 +93,44 @@ def pair_worker(args) -> None:
         for mode in MODES[pair % len(MODES):] + MODES[: pair % len(MODES)]:
             out[mode].append(run_levels(send, args) if mode == "engine" else
                              client_process(f"http://127.0.0.1:{port}", CLIENT_OF[mode], args))
+    out["ttft"] = interleaved_ttft(send, f"http://127.0.0.1:{port}", args)
     print(json.dumps(out))
+
+
+def interleaved_ttft(send, url: str, args) -> dict[str, list[float]]:
+    """One-token requests, engine / served / served-lean back to back (order rotated), `--ttft-requests` times."""
+    clients = {mode: subprocess.Popen(
+        [sys.executable, __file__, "--worker", "client", "--url", url, "--kind", CLIENT_OF[mode], "--prompt",
+         args.prompt, "--on-demand", "unused"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for mode in MODES[1:]}
+
+    def ttft(mode: str) -> float:
+        if mode == "engine":
+            return send(1)["ttft"]
+        clients[mode].stdin.write("1\n")
+        clients[mode].stdin.flush()
+        return json.loads(clients[mode].stdout.readline())["ttft"]
+
+    try:
+        for mode in MODES:  # warm-up: each client's connection is open before the first timed request
+            ttft(mode)
+        out = {mode: [] for mode in MODES}
+        for index in range(args.ttft_requests):
+            for mode in MODES[index % len(MODES):] + MODES[: index % len(MODES)]:
+                out[mode].append(ttft(mode))
+        return out
+    finally:
+        for proc in clients.values():
+            proc.stdin.close()
+            proc.wait(30)
 
 
 def client_worker(args) -> None:
     request = {"llmpack": llmpack_request, "lean": lean_request, "llama": llama_request}[args.kind]
+    if args.on_demand:  # one request per line read (its new-token count), its timing written back
+        for line in sys.stdin:
+            print(json.dumps(request(args.url, args.prompt, int(line))), flush=True)
+        return
     print(json.dumps(run_levels(lambda new_tokens: request(args.url, args.prompt, new_tokens), args)))
 
 
@@ -223,8 +259,7 @@ def llama_server(command: list[str], args) -> list[dict]:
 
 
 def run_levels(send, args) -> list[dict]:
-    """Warm-up, then each client count: its requests' timings and the aggregate tok/s; last, the TTFT level
-    (clients 0): one client's one-token requests."""
+    """Warm-up, then each client count: its requests' timings and the aggregate tok/s."""
     send(args.new_tokens)
     out = []
     for clients in args.clients:
@@ -239,9 +274,6 @@ def run_levels(send, args) -> list[dict]:
                     "ttft": statistics.median(r["ttft"] for r in results),
                     "tokens": statistics.median(r["tokens"] for r in results),
                     "prompt_tokens": results[0]["prompt_tokens"]})
-    with ThreadPoolExecutor(1) as pool:  # a thread of its own: its own connection (the first request opens it)
-        ttfts = pool.submit(lambda: [send(1)["ttft"] for _ in range(1 + args.ttft_requests)][1:]).result()
-    out.append({"clients": 0, "ttfts": ttfts, "ttft": statistics.median(ttfts)})
     return out
 
 
@@ -276,7 +308,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4,
                         help="Requests per level: one client sends them all, N clients about requests/N each.")
     parser.add_argument("--clients", type=lambda s: [int(n) for n in s.split(",")], default=[1, 8])
-    parser.add_argument("--ttft-requests", type=int, default=12, help="One-token requests per pair for TTFT.")
+    parser.add_argument("--ttft-requests", type=int, default=60,
+                        help="Interleaved one-token request triples (engine, served, served-lean) per process.")
     parser.add_argument("--llama-server", help="llama.cpp's llama-server binary (make bench-llama-server).")
     parser.add_argument("--gguf", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
                         help="NAME=PATH of a GGUF file for --llama-server; repeat.")
@@ -284,6 +317,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=["pair", "client"], help=argparse.SUPPRESS)
     parser.add_argument("--prompt", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--on-demand", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", choices=["llmpack", "lean", "llama"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -336,7 +370,7 @@ def report(results: dict[str, list], args) -> None:
                 f"{1000 * statistics.median(lv['ttft'] for lv in levels):.1f} | {levels[0]['tokens']:.0f} | "
                 f"{levels[0]['prompt_tokens']} |")
         lines += ["", *ratio_lines(results, index), *peer_lines(table, index), ""]
-    lines += ttft_lines(results, table, len(args.clients), args.ttft_requests)
+    lines += ttft_lines(results, args.ttft_requests)
     write_results("served-vs-engine", lines, args.label)
 
 
@@ -356,24 +390,30 @@ def ratio_lines(results: dict[str, list], index: int) -> list[str]:
     return lines
 
 
-def ttft_lines(results: dict[str, list], table: dict[str, list[list[dict]]], index: int, requests: int) -> list[str]:
-    """The TTFT level: served − engine per pair (median of each side's one-token requests), and every row's."""
-    lines = ["## TTFT (one-token requests, one client)", "",
-             f"{requests} requests per pair and mode; each pair's served − engine is the difference of its two medians", "",
-             "| contender | TTFT ms (median of all requests) | requests |", "|---|---|---|"]
-    for name, runs in table.items():
-        ttfts = [t for run in runs for t in run[index]["ttfts"]]
-        lines.append(f"| {name} | {1000 * statistics.median(ttfts):.1f} | {len(ttfts)} |")
-    lines.append("")
+def ttft_lines(results: dict[str, list], requests: int) -> list[str]:
+    """The interleaved TTFT requests: each mode's median, and served − engine within each adjacent triple."""
+    lines = ["## TTFT (one-token requests, one client, interleaved)", "",
+             f"{requests} engine / served / served-lean triples per process, each request right after the other; "
+             "the difference is taken inside each triple", "",
+             "| contender | TTFT ms (median) | − engine: median of the differences (95 % CI) | requests |",
+             "|---|---|---|---|"]
     for name, runs in results.items():
         if not isinstance(runs[0], dict):
             continue
-        for mode in MODES[1:]:
-            diffs = [1000 * (s[index]["ttft"] - e[index]["ttft"])
-                     for run in runs for s, e in zip(run[mode], run["engine"])]
-            lines.append(f"- {name}: TTFT {mode} − engine **{statistics.median(diffs):+.1f} ms** "
-                         f"({' / '.join(f'{d:+.1f}' for d in diffs)})")
+        for mode in MODES:
+            ttfts = [t for run in runs for t in run["ttft"][mode]]
+            diffs = [1000 * (s - e) for run in runs for s, e in zip(run["ttft"][mode], run["ttft"]["engine"])]
+            low, high = median_interval(diffs)
+            spread = "" if mode == "engine" else f"**{statistics.median(diffs):+.1f} ms** ({low:+.1f} … {high:+.1f})"
+            lines.append(f"| {name} {mode} | {1000 * statistics.median(ttfts):.1f} | {spread} | {len(ttfts)} |")
     return [*lines, ""]
+
+
+def median_interval(values: list[float]) -> tuple[float, float]:
+    """A distribution-free ~95 % confidence interval of the median: the order statistics n/2 ∓ 0.98·√n."""
+    ordered, half = sorted(values), 0.98 * len(values) ** 0.5
+    low, high = int(len(values) / 2 - half), int(len(values) / 2 + half)
+    return ordered[max(low, 0)], ordered[min(high, len(values) - 1)]
 
 
 def peer_lines(table: dict[str, list[list[dict]]], index: int) -> list[str]:
