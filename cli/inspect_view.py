@@ -51,13 +51,16 @@ def describe(m: BuildManifest) -> str:
     c = m.config
     lines = [
         f"artifact      {m.name}  (manifest v{m.manifest_version}, llmpack {m.llmpack_version}, built {m.built_at})",
-        f"model         Llama: {c.num_layers} layers, hidden {c.hidden_size}, MLP {c.intermediate_size}, "
+        f"model         {c.architecture}: {c.num_layers} layers, hidden {c.hidden_size}, MLP {c.intermediate_size}, "
         f"{c.num_heads} heads / {c.num_kv_heads} kv heads × {c.head_dim}, vocab {c.vocab_size}",
         f"              rms_norm_eps {c.rms_norm_eps}, rope_theta {c.rope_theta}, tied embeddings {c.tie_word_embeddings}",
+        f"              rope scaling {c.rope_scaling or 'none'}, q/k/v biases {c.attention_bias}, "
+        f"sliding window {c.sliding_window or 'none'}",
         f"build         {m.dtype}, context {m.max_context} (model max {c.max_position_embeddings}), opset {m.opset}, "
         f"graph {m.graph_flavour}" + (" + mixed decode/prefill step (mixed.onnx)" if has_mixed_graph(m) else ""),
         *_optional_sections(m),
-        f"tokens        BOS {m.bos_token_id}, stop {list(m.stop_token_ids)}",
+        f"tokens        BOS {m.bos_token_id}, stop {list(m.stop_token_ids)}; tokenizer {m.tokenizer} "
+        f"({m.tokenizer_file}), chat template {m.chat_template}",
         f"system prompt {m.default_system_prompt!r}",
         f"source        {m.source.path}",
         *(f"                {f.path:<34} {_size(f.size):>10}  sha256 {f.sha256[:16]}…" for f in m.source.files),

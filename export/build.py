@@ -30,6 +30,7 @@ from llmpack.export.graph import OPSET, write_decoder_graph
 from llmpack.export.mixed_graph import write_mixed_graph
 from llmpack.export.options import DTYPES, BuildOptions, resolve_graph
 from llmpack.export.progress import digest_files
+from llmpack.export.rope import dynamic_context_limit
 from llmpack.export.quantize import ACCURACY_LEVELS, BLOCK_SIZES, QUANT_BITS
 from llmpack.runtime import __version__
 from llmpack.runtime import manifest as names
@@ -154,8 +155,9 @@ def _write_artifact(checkpoint: Checkpoint, source: SourceInfo, staging: Path, o
         graph_files += (fused.MIXED_MODEL_FILE,)
     else:
         inputs, outputs = write_decoder_graph(checkpoint, staging, options.dtype, options.progress, quant)
-    shutil.copyfile(checkpoint.path / checkpoint.tokenizer_file, staging / names.TOKENIZER_FILE)
-    files = digest_files(staging, (*graph_files, names.TOKENIZER_FILE), "checksumming the artifact", options.progress)
+    files = digest_files(staging, (*graph_files, *_write_tokenizer(checkpoint, staging)), "checksumming the artifact",
+                         options.progress)
+    choice = checkpoint.tokenizer
     manifest = BuildManifest(
         name=options.out.name,
         config=checkpoint.config,
@@ -176,9 +178,37 @@ def _write_artifact(checkpoint: Checkpoint, source: SourceInfo, staging: Path, o
         graph_flavour=options.graph,
         quant=QuantInfo(quant.name, quant.bits, quant.block_size, quant.accuracy_level, quant.symmetric)
         if quant.enabled else None,
+        tokenizer=choice.tokenizer,
+        chat_template=choice.chat_template,
+        special_tokens=choice.special_tokens,
     )
     (staging / names.MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
     return manifest
+
+
+def _write_tokenizer(checkpoint: Checkpoint, staging: Path) -> tuple[str, ...]:
+    """The tokenizer file (and the chat template, when the model brings its own) into the artifact."""
+    choice = checkpoint.tokenizer
+    written = (names.TOKENIZER_FILES[choice.tokenizer],)
+    shutil.copyfile(checkpoint.path / choice.source_file, staging / written[0])
+    if choice.template_text is not None:
+        (staging / names.CHAT_TEMPLATE_FILE).write_text(choice.template_text, encoding="utf-8")
+        written += (names.CHAT_TEMPLATE_FILE,)
+    return written
+
+
+def context_for(options: BuildOptions, checkpoint: Checkpoint) -> int:
+    """--max-context, capped where the model stops being exact (each cap logged with its reason)."""
+    config, context = checkpoint.config, options.max_context
+    caps = [(config.max_position_embeddings, "its max_position_embeddings"),
+            (dynamic_context_limit(config), "dynamic RoPE recomputes its frequencies past max_position_embeddings"),
+            # full attention equals the model's sliding-window attention only while the context fits the window
+            (config.sliding_window, "its sliding_window (llmpack attends to the whole context)")]
+    for limit, reason in caps:
+        if limit is not None and limit < context:
+            log.warning("context capped at %d for %s: %s", limit, checkpoint.path.name, reason)
+            context = limit
+    return context
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:
@@ -221,7 +251,7 @@ def build(options: BuildOptions) -> BuildResult:
         raise BuildError(f"--max-context must be at least 2, got {options.max_context}")
     out = Path(options.out).expanduser().resolve()
     checkpoint = open_checkpoint(resolve_source(options.model))
-    max_context = min(options.max_context, checkpoint.config.max_position_embeddings)
+    max_context = context_for(options, checkpoint)
     with build_lock(out):
         existing = _existing_manifest(out)
         log.info("hashing the weights of %s (the build is skipped when nothing changed)", checkpoint.path)

@@ -11,14 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
+from llmpack.export.model_config import model_config
 from llmpack.export.progress import digest_files
 from llmpack.export.safetensors_reader import SafetensorsFile
+from llmpack.export.tokenizer_files import TOKENIZER_CONFIG, TokenizerChoice, choose_tokenizer
+from llmpack.runtime import manifest as names
 from llmpack.runtime.errors import CheckpointError
 from llmpack.runtime.manifest import FileDigest, ModelConfig
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-LLAMA_ARCHITECTURES = {"LlamaForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -29,15 +31,21 @@ class Checkpoint:
     config: ModelConfig
     weight_files: tuple[str, ...]
     tensor_files: dict[str, str]  # tensor name -> weight file
-    tokenizer_file: str
-    bos_token_id: int
+    tokenizer: TokenizerChoice
+    bos_token_id: int | None
     stop_token_ids: tuple[int, ...]
     source_dtype: str
 
+    @property
+    def tokenizer_file(self) -> str:
+        return self.tokenizer.source_file
+
     def digests(self, tty: bool = False) -> tuple[FileDigest, ...]:
-        names = (*self.weight_files, "config.json", self.tokenizer_file)
+        files = (*self.weight_files, "config.json", self.tokenizer_file)
         extra = ("generation_config.json",) if (self.path / "generation_config.json").is_file() else ()
-        return digest_files(self.path, (*names, *extra), "hashing the checkpoint", tty)
+        if self.tokenizer.tokenizer == names.HF_TOKENIZERS:  # the template and token names reach the artifact
+            extra += tuple(name for name in (TOKENIZER_CONFIG, names.CHAT_TEMPLATE_FILE) if (self.path / name).is_file())
+        return digest_files(self.path, (*files, *extra), "hashing the checkpoint", tty)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -50,41 +58,6 @@ def _read_json(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a JSON object; re-download the checkpoint")
     return data
-
-
-def model_config(raw: dict, where: Path) -> ModelConfig:
-    """Translate config.json into the manifest's ModelConfig, refusing anything that is not a Llama."""
-    archs = set(raw.get("architectures") or [])
-    if raw.get("model_type") != "llama" or (archs and not archs & LLAMA_ARCHITECTURES):
-        raise CheckpointError(
-            f"{where} holds a {raw.get('model_type') or 'unknown'} model "
-            f"({', '.join(sorted(archs)) or 'no architectures'}); llmpack exports Llama "
-            "(model_type 'llama', LlamaForCausalLM) checkpoints only"
-        )
-    rope_scaling = raw.get("rope_scaling") or (raw.get("rope_parameters") or {}).get("rope_type")
-    if rope_scaling not in (None, "default"):
-        raise CheckpointError(f"{where}: rope_scaling {rope_scaling!r} is not supported; only plain RoPE is")
-    if raw.get("attention_bias") or raw.get("mlp_bias"):
-        raise CheckpointError(f"{where}: Llama variants with attention or MLP biases are not supported")
-    try:
-        heads = int(raw["num_attention_heads"])
-        hidden = int(raw["hidden_size"])
-        rope_theta = raw.get("rope_theta") or (raw.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        return ModelConfig(
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}/config.json lacks a valid {exc} for a Llama model") from exc
 
 
 def _weight_layout(path: Path) -> tuple[tuple[str, ...], dict[str, str]]:
@@ -129,18 +102,15 @@ def open_checkpoint(path: Path) -> Checkpoint:
     raw = _read_json(path / "config.json", "not a Hugging Face checkpoint (config.json is required)")
     config = model_config(raw, path)
     files, tensor_files = _weight_layout(path)
-    if not (path / "tokenizer.model").is_file():
-        raise CheckpointError(
-            f"{path} has no tokenizer.model; llmpack serves with the sentencepiece model "
-            "(Meta's Llama-2 checkpoints ship it): copy it into the folder"
-        )
+    tokenizer = choose_tokenizer(path)
+    bos = raw.get("bos_token_id", 1 if tokenizer.tokenizer == names.SENTENCEPIECE else None)
     checkpoint = Checkpoint(
         path=path,
         config=config,
         weight_files=files,
         tensor_files=tensor_files,
-        tokenizer_file="tokenizer.model",
-        bos_token_id=int(raw.get("bos_token_id", 1)),
+        tokenizer=tokenizer,
+        bos_token_id=bos if isinstance(bos, int) else None,
         stop_token_ids=_stop_ids(path, raw),
         source_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
     )

@@ -21,6 +21,7 @@ from llmpack.export.graph import stream_graph
 from llmpack.export.onnx_writer import GraphWriter
 from llmpack.export.progress import GRAPH_PHASE, progress_of
 from llmpack.export.quantize import CONTRIB_DOMAIN, QuantSpec, write_linear
+from llmpack.export.rope import inverse_frequencies
 from llmpack.runtime import manifest as names
 from llmpack.runtime.backends import fused_interface as fused
 from llmpack.runtime.manifest import ModelConfig, TensorSpec
@@ -64,7 +65,7 @@ def rotary_cache(config: ModelConfig, max_context: int) -> tuple[np.ndarray, np.
     d, half = config.head_dim, fused.kv_head_dim(config) // 2
     inv_freq = np.zeros(half, np.float32)
     # fp32 like transformers: position * inv_freq is rounded the same way before cos/sin.
-    inv_freq[: d // 2] = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    inv_freq[: d // 2] = inverse_frequencies(config)
     angles = np.arange(max_context, dtype=np.float32)[:, None] * inv_freq[None, :]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
@@ -100,9 +101,23 @@ class FusedLlamaGraph:
                   for p in ("k", "v")]
         return np.concatenate(parts, axis=0)
 
+    def qkv_bias(self, prefix: str) -> np.ndarray:
+        c, pad = self.c, self.padded
+        parts = [pad_heads(self._get(f"{prefix}.q_proj.bias"), c.num_heads, c.head_dim, pad, 0)]
+        parts += [pad_heads(self._get(f"{prefix}.{p}_proj.bias"), c.num_kv_heads, c.head_dim, pad, 0) for p in "kv"]
+        return np.concatenate(parts)
+
+    def add_bias(self, x: str, name: str, values: np.ndarray | None = None) -> str:
+        """x + b for a projection with a bias (Qwen2's q/k/v, a Llama attention_bias o_proj); x otherwise."""
+        if values is None and not self.w.has(name):
+            return x
+        return self.g.add("Add", [x, self.g.weight(name, self._get(name) if values is None else values)])
+
     def attention(self, layer: int, x: str, cos: str, sin: str) -> str:
         g, c, prefix = self.g, self.c, f"model.layers.{layer}.self_attn"
         qkv = write_linear(g, x, f"{prefix}.qkv_proj.weight", self.qkv_weight(prefix), self.quant)
+        if c.attention_bias:
+            qkv = self.add_bias(qkv, f"{prefix}.qkv_proj.bias", self.qkv_bias(prefix))
         past = [names.past_key_name(layer), names.past_value_name(layer)]
         present = [names.present_key_name(layer), names.present_value_name(layer)]
         context = f"attn_{layer}"
@@ -111,7 +126,8 @@ class FusedLlamaGraph:
             [context, *present], name=f"n_gqa_{layer}", domain=CONTRIB_DOMAIN, num_heads=c.num_heads,
             kv_num_heads=c.num_kv_heads, do_rotary=1, scale=1.0 / math.sqrt(c.head_dim)))
         o_proj = pad_heads(self._get(f"{prefix}.o_proj.weight"), c.num_heads, c.head_dim, self.padded, 1)
-        return write_linear(g, context, f"{prefix}.o_proj.weight", o_proj, self.quant)
+        return self.add_bias(write_linear(g, context, f"{prefix}.o_proj.weight", o_proj, self.quant),
+                             f"{prefix}.o_proj.bias")
 
     def mlp(self, layer: int, x: str) -> str:
         g, prefix = self.g, f"model.layers.{layer}.mlp"

@@ -16,6 +16,7 @@ from llmpack.export.checkpoint import Checkpoint, WeightReader
 from llmpack.export.onnx_writer import NP_TO_ONNX, GraphWriter, value_info
 from llmpack.export.progress import GRAPH_PHASE, progress_of
 from llmpack.export.quantize import QuantSpec, write_linear
+from llmpack.export.rope import inverse_frequencies
 from llmpack.runtime import manifest as names
 from llmpack.runtime.manifest import ModelConfig, TensorSpec
 
@@ -61,9 +62,16 @@ class LlamaGraph:
     def _tensor(self, name: str) -> np.ndarray:
         return self.w.get(name).astype(self.dtype, copy=False)
 
-    def linear(self, x: str, name: str) -> str:
-        """x @ W^T; W stored as [in, out] so that MatMul(x, W) needs no transpose at run time."""
-        return write_linear(self.g, x, name, self.w.get(name), self.quant, self.dtype)
+    def linear(self, x: str, name: str, bias: bool = False) -> str:
+        """x @ W^T (+ b); W stored as [in, out] so that MatMul(x, W) needs no transpose at run time.
+
+        bias: the projection has one (q/k/v of Qwen2); a `.bias` tensor beside any other weight is used too.
+        """
+        out = write_linear(self.g, x, name, self.w.get(name), self.quant, self.dtype)
+        bias_name = name.removesuffix(".weight") + ".bias"
+        if bias or self.w.has(bias_name):
+            out = self.g.add("Add", [out, self.g.weight(bias_name, self._tensor(bias_name))])
+        return out
 
     # --- building blocks ---------------------------------------------------------------------
 
@@ -81,8 +89,7 @@ class LlamaGraph:
 
     def rotary(self, position_ids: str) -> tuple[str, str]:
         """cos and sin [batch, 1, seq, head_dim], computed in fp32 like transformers does."""
-        g, d = self.g, self.c.head_dim
-        inv_freq = 1.0 / (self.c.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+        g, inv_freq = self.g, inverse_frequencies(self.c)
         pos = g.add("Unsqueeze", [g.add("Cast", [position_ids], to=_onnx_type(F32)), g.constant([2], np.int64)])
         freqs = g.add("Mul", [pos, g.constant(inv_freq.reshape(1, 1, -1), F32)])
         emb = g.add("Unsqueeze", [g.add("Concat", [freqs, freqs], axis=-1), g.constant([1], np.int64)])
@@ -120,9 +127,9 @@ class LlamaGraph:
         g, c = self.g, self.c
         prefix = f"model.layers.{layer}.self_attn"
         heads_shape = lambda n: g.constant([0, 0, n, c.head_dim], np.int64)  # noqa: E731
-        q = self.linear(x, f"{prefix}.q_proj.weight")
-        k = self.linear(x, f"{prefix}.k_proj.weight")
-        v = self.linear(x, f"{prefix}.v_proj.weight")
+        q = self.linear(x, f"{prefix}.q_proj.weight", c.attention_bias)
+        k = self.linear(x, f"{prefix}.k_proj.weight", c.attention_bias)
+        v = self.linear(x, f"{prefix}.v_proj.weight", c.attention_bias)
         q = g.add("Transpose", [g.add("Reshape", [q, heads_shape(c.num_heads)])], perm=[0, 2, 1, 3])
         k = g.add("Transpose", [g.add("Reshape", [k, heads_shape(c.num_kv_heads)])], perm=[0, 2, 1, 3])
         v = g.add("Transpose", [g.add("Reshape", [v, heads_shape(c.num_kv_heads)])], perm=[0, 2, 1, 3])

@@ -42,10 +42,17 @@ class Quality:
     mean_kl: float
 
 
-def quality_ids(tokenizer_path, bos_id: int, limit: int) -> list[int]:
-    from llmpack.runtime.tokenizer import Tokenizer
+def quality_ids(tokenizer_path, bos_id: int | None, limit: int) -> list[int]:
+    """The quality text's ids after BOS (when the model has one), in the artifact's own tokenizer."""
+    if str(tokenizer_path).endswith(".json"):
+        from tokenizers import Tokenizer as HfTokenizer
 
-    return ([bos_id] + Tokenizer.from_file(tokenizer_path).encode(QUALITY_TEXT))[:limit]
+        ids = HfTokenizer.from_file(str(tokenizer_path)).encode(QUALITY_TEXT, add_special_tokens=False).ids
+    else:
+        from llmpack.runtime.tokenizer import Tokenizer
+
+        ids = Tokenizer.from_file(tokenizer_path).encode(QUALITY_TEXT)
+    return ([] if bos_id is None else [bos_id]) + ids[: limit - (bos_id is not None)]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -79,7 +86,7 @@ def reference_logits(model, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
-def measure(model, backend, tokenizer_path, bos_id: int, context: int) -> Quality:
+def measure(model, backend, tokenizer_path, bos_id: int | None, context: int) -> Quality:
     ids = quality_ids(tokenizer_path, bos_id, min(MAX_TOKENS, context))
     return compare(reference_logits(model, ids), artifact_logits(backend, ids))
 

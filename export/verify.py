@@ -63,12 +63,12 @@ def relative_error(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 def _load_reference(source: Path, dtype: str = "fp32"):
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    model = LlamaForCausalLM.from_pretrained(str(source), dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     return model.eval()
 
 
@@ -185,7 +185,8 @@ def verify(artifact_path: Path | str, steps: int = 32, prompt_length: int = 16, 
     tolerance = QUANT_CACHE_TOLERANCE if manifest.quant else LOGIT_TOLERANCE[manifest.dtype]
     steps = min(steps, manifest.max_context - prompt_length)
     rng = np.random.default_rng(seed)
-    prompt = [manifest.bos_token_id] + rng.integers(3, manifest.config.vocab_size, prompt_length - 1).tolist()
+    bos = [] if manifest.bos_token_id is None else [manifest.bos_token_id]
+    prompt = bos + rng.integers(3, manifest.config.vocab_size, prompt_length - len(bos)).tolist()
 
     ref_dtype = reference_dtype(manifest, available_memory())
     model = _load_reference(reference_source(manifest, source), ref_dtype)

@@ -30,7 +30,11 @@ class Artifact:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.path / names.TOKENIZER_FILE
+        return self.path / self.manifest.tokenizer_file
+
+    @property
+    def chat_template_path(self) -> Path:
+        return self.path / names.CHAT_TEMPLATE_FILE
 
 
 def open_artifact(path: Path | str, verify_checksums: bool = True) -> Artifact:

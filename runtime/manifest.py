@@ -15,7 +15,10 @@ from pathlib import Path
 
 from llmpack.runtime.errors import ArtifactError
 
-MANIFEST_VERSION = 1
+# 2: the tokenizer kind, chat template and special tokens are recorded (other Llama-family models); a version 1
+# manifest still loads, read as sentencepiece + the Llama-2-chat template it always meant.
+MANIFEST_VERSION = 2
+READABLE_MANIFEST_VERSIONS = (1, 2)
 STANDARD_GRAPH = "standard"  # plain ONNX ops: TensorRT parses them
 FUSED_GRAPH = "ort-fused"  # ONNX Runtime contrib ops, in-place KV cache (fused_interface.py)
 GRAPH_FLAVOURS = (STANDARD_GRAPH, FUSED_GRAPH)
@@ -30,7 +33,17 @@ MAX_PREFILL_CHUNK = 512
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # sentencepiece (Llama-2: Meta's reference tokenization)
+HF_TOKENIZER_FILE = "tokenizer.json"  # the `tokenizers` library's (Llama-3, Qwen2, Mistral's fast tokenizer, …)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the checkpoint's own chat template, when the artifact uses one
+
+# BuildManifest.tokenizer: which library reads the tokenizer file
+SENTENCEPIECE, HF_TOKENIZERS = "sentencepiece", "tokenizers"
+TOKENIZER_FILES = {SENTENCEPIECE: TOKENIZER_FILE, HF_TOKENIZERS: HF_TOKENIZER_FILE}
+# BuildManifest.chat_template: Meta's Llama-2-chat construction in ids (runtime/template.py), the checkpoint's
+# Jinja template (CHAT_TEMPLATE_FILE), or none (a base model: raw prompts only)
+LLAMA2_CHAT, JINJA_CHAT, NO_CHAT = "llama-2-chat", "jinja", "none"
+CHAT_TEMPLATES = (LLAMA2_CHAT, JINJA_CHAT, NO_CHAT)
 ENGINE_FILE = "model.plan"  # optional: a serialized TensorRT engine, tied to one GPU model and TensorRT version
 TIMING_CACHE_FILE = "engine.timing.cache"  # TensorRT's tactic timings, reused by the next engine build
 
@@ -77,11 +90,17 @@ class ModelConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
+    architecture: str = "LlamaForCausalLM"  # config.json's architectures[0]
+    # config.json's rope_scaling as read (rope_type and its numbers), None for plain RoPE; the graphs bake the
+    # frequencies it gives (export/rope.py)
+    rope_scaling: dict | None = None
+    attention_bias: bool = False  # q/k/v projections carry biases (Qwen2)
+    sliding_window: int | None = None  # attention window of the checkpoint; the build's context never exceeds it
 
     @property
     def linear_parameters(self) -> int:
         """Weights of every Linear, the head included: what one decode step reads (the one count used everywhere)."""
-        attention = self.hidden_size * (2 * self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        attention = self.hidden_size * (2 * self.num_heads + 2 * self.num_kv_heads) * self.head_dim  # q, k, v, o
         per_layer = attention + 3 * self.hidden_size * self.intermediate_size
         return self.num_layers * per_layer + self.vocab_size * self.hidden_size
 
@@ -169,7 +188,7 @@ class BuildManifest:
     dtype: str  # "fp32" | "fp16"
     max_context: int
     opset: int
-    bos_token_id: int
+    bos_token_id: int | None  # None: the model has no BOS (Qwen2); raw prompts are its tokenizer's encoding
     stop_token_ids: tuple[int, ...]
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -185,6 +204,14 @@ class BuildManifest:
     extra: dict[str, str] = field(default_factory=dict)
     engine: EngineInfo | None = None  # absent in artifacts built without `--engine trt`
     quant: QuantInfo | None = None  # absent: Linear weights in `dtype`
+    tokenizer: str = SENTENCEPIECE  # or HF_TOKENIZERS; the file is TOKENIZER_FILES[tokenizer]
+    chat_template: str = LLAMA2_CHAT  # or JINJA_CHAT (CHAT_TEMPLATE_FILE) or NO_CHAT
+    # What a Jinja template calls the special tokens (bos_token, eos_token, …), from tokenizer_config.json
+    special_tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tokenizer_file(self) -> str:
+        return TOKENIZER_FILES[self.tokenizer]
 
     @property
     def kv_dtype(self) -> str:
@@ -196,10 +223,17 @@ class BuildManifest:
     @classmethod
     def from_dict(cls, data: dict) -> BuildManifest:
         version = data.get("manifest_version")
-        if version != MANIFEST_VERSION:
+        if version not in READABLE_MANIFEST_VERSIONS:
             raise ArtifactError(
-                f"manifest version {version!r} is not supported (this llmpack reads version "
-                f"{MANIFEST_VERSION}); rebuild the artifact with this llmpack's `llm-export build`"
+                f"manifest version {version!r} is not supported (this llmpack reads versions "
+                f"{', '.join(map(str, READABLE_MANIFEST_VERSIONS))}); rebuild the artifact with this llmpack's "
+                "`llm-export build`"
+            )
+        if data.get("tokenizer", SENTENCEPIECE) not in TOKENIZER_FILES or \
+                data.get("chat_template", LLAMA2_CHAT) not in CHAT_TEMPLATES:
+            raise ArtifactError(
+                f"tokenizer {data.get('tokenizer')!r} / chat template {data.get('chat_template')!r} are unknown to "
+                "this llmpack; rebuild the artifact with this llmpack's `llm-export build`"
             )
         flavour = data.get("graph_flavour", STANDARD_GRAPH)
         if flavour not in GRAPH_FLAVOURS:

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 LLM_SERVE = str(Path(sys.executable).with_name("llm-serve"))
+LLM_EXPORT = str(Path(sys.executable).with_name("llm-export"))
 WORKERS_MODEL = "@cf/meta/llama-2-7b-chat-fp16"
 SERVER_API_KEY = "test-key-0123456789"  # what the session's demo_server requires
 AUTH = {"Authorization": f"Bearer {SERVER_API_KEY}"}

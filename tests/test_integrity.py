@@ -64,11 +64,13 @@ DAMAGES = {
     "missing-manifest": (lambda f: (f / "manifest.json").unlink(), "is not an llmpack artifact (no manifest.json)"),
     "manifest-not-json": (lambda f: (f / "manifest.json").write_text("{"), "manifest.json is not valid JSON"),
     "unknown-manifest-version": (edit_manifest(lambda m: m.update(manifest_version=99)),
-                                 "manifest version 99 is not supported (this llmpack reads version 1)"),
+                                 "manifest version 99 is not supported (this llmpack reads versions 1, 2)"),
     "no-manifest-version": (edit_manifest(lambda m: m.pop("manifest_version")), "manifest version None"),
     "unknown-graph-flavour": (edit_manifest(lambda m: m.update(graph_flavour="tensorrt-llm")),
                               "graph flavour 'tensorrt-llm' is unknown to this llmpack"),
-    "manifest-missing-a-field": (edit_manifest(lambda m: m.pop("config")), "does not match schema version 1"),
+    "manifest-missing-a-field": (edit_manifest(lambda m: m.pop("config")), "does not match schema version 2"),
+    "unknown-tokenizer-kind": (edit_manifest(lambda m: m.update(tokenizer="tiktoken")),
+                               "tokenizer 'tiktoken' / chat template 'llama-2-chat' are unknown to this llmpack"),
     "path-up-and-out": (name_file(0, "../model.onnx"), "manifest names '../model.onnx', which is outside"),
     "absolute-path": (name_file(2, "/etc/hostname"), "manifest names '/etc/hostname', which is outside"),
     "symlink-out": (link_tokenizer_outside, "manifest names 'tokenizer.model', which is outside"),
@@ -166,3 +168,23 @@ def test_path_traversal_urls_get_a_json_4xx_and_no_file(demo_server, demo_artifa
         assert response.status in (404, 405), (path, response.status, body[:200])
         assert response.getheader("content-type") == "application/json", path
         assert not any(secret in body for secret in secrets), path
+
+
+def test_a_version_1_manifest_still_loads_as_sentencepiece_and_llama_2_chat(demo_artifact, tmp_path):
+    """Artifacts built before the manifest recorded the tokenizer and template keep working unchanged."""
+    from llmpack.runtime.manifest import LLAMA2_CHAT, SENTENCEPIECE, read_manifest
+
+    folder = tmp_path / "demo"
+    shutil.copytree(demo_artifact, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    for key in ("tokenizer", "chat_template", "special_tokens"):
+        data.pop(key)
+    for key in ("architecture", "rope_scaling", "attention_bias", "sliding_window"):
+        data["config"].pop(key)
+    (folder / "manifest.json").write_text(json.dumps({**data, "manifest_version": 1}))
+    manifest = read_manifest(folder)
+    assert (manifest.manifest_version, manifest.tokenizer, manifest.chat_template) == (1, SENTENCEPIECE, LLAMA2_CHAT)
+    assert manifest.tokenizer_file == "tokenizer.model" and manifest.config.rope_scaling is None
+    run = subprocess.run([LLM_SERVE, "infer", str(folder), REQUEST], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr

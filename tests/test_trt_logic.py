@@ -267,7 +267,7 @@ def test_backend_errors_are_clear():
 def test_engine_section_round_trips_and_old_manifests_load(tmp_path):
     manifest = make_manifest(engine=make_engine())
     (tmp_path / names.MANIFEST_FILE).write_text(manifest.to_json())
-    assert read_manifest(tmp_path) == manifest and manifest.manifest_version == MANIFEST_VERSION == 1
+    assert read_manifest(tmp_path) == manifest and manifest.manifest_version == MANIFEST_VERSION
     old = json.loads(manifest.to_json())
     del old["engine"]  # written before this field existed
     (tmp_path / names.MANIFEST_FILE).write_text(json.dumps(old))
@@ -275,7 +275,7 @@ def test_engine_section_round_trips_and_old_manifests_load(tmp_path):
     broken = json.loads(manifest.to_json())
     del broken["engine"]["profiles"]
     (tmp_path / names.MANIFEST_FILE).write_text(json.dumps(broken))
-    with pytest.raises(ArtifactError, match="does not match schema version 1"):
+    with pytest.raises(ArtifactError, match=f"does not match schema version {MANIFEST_VERSION}"):
         read_manifest(tmp_path)
 
 
