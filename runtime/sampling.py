@@ -213,6 +213,15 @@ def sample_from_scores(scores: np.ndarray, params: SamplingParams, rng: np.rando
     """The draw itself, over processed scores: argmax when greedy, else temperature, top-k, top-p, one uniform."""
     if params.greedy:
         return int(np.argmax(scores))
+    ids, weights = candidate_weights(scores, params)
+    # One uniform per step keeps the token stream a pure function of the seed.
+    choice = draw_index(weights, rng.random())
+    return choice if ids is None else int(ids[choice])
+
+
+def candidate_weights(scores: np.ndarray, params: SamplingParams) -> tuple[np.ndarray | None, np.ndarray]:
+    """The sampling distribution (not greedy): candidate ids (None: the whole vocabulary) and their weights,
+    proportional to the probabilities the draw uses (temperature, top-k, top-p applied; not renormalized)."""
     # Narrow to candidate ids first so softmax and the draw run over k ids, not the vocabulary.
     ids = None if params.top_k is None else top_k_ids(scores, params.top_k)
     candidates = scores if ids is None else scores[ids]
@@ -220,9 +229,7 @@ def sample_from_scores(scores: np.ndarray, params: SamplingParams, rng: np.rando
     if params.top_p < 1.0:
         kept = nucleus_ids(probs, params.top_p)
         ids, probs = (kept if ids is None else ids[kept]), probs[kept]
-    # One uniform per step keeps the token stream a pure function of the seed.
-    choice = draw_index(probs, rng.random())
-    return choice if ids is None else int(ids[choice])
+    return ids, probs
 
 
 def draw_index(weights: np.ndarray, u: float) -> int:
