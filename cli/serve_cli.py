@@ -11,7 +11,7 @@ import click
 from llmpack.cli.bench_cmd import bench
 from llmpack.cli.common import defaults_of, setup_logging, translate_errors
 from llmpack.runtime.artifact import BACKENDS
-from llmpack.runtime.engine import EngineOptions
+from llmpack.runtime.engine import SPECULATION_MODES, EngineOptions
 from llmpack.runtime.errors import InvalidRequest
 from llmpack.runtime.serve.settings import ConnectionLimits, ServerSettings
 
@@ -64,6 +64,10 @@ def engine_options(f):
     f = click.option("--huge-pages/--no-huge-pages", default=ENGINE.huge_pages, show_default=True, **remember,
                      help="CPU backends: move the loaded weights onto 2 MiB pages (fewer TLB misses per "
                           "decode step; ~1 s per GB at start-up).")(f)
+    f = click.option("--speculate", type=click.Choice(SPECULATION_MODES), default=ENGINE.speculate, show_default=True,
+                     **remember, help="ngram: prompt-lookup speculative decoding — tokens the text so far suggests "
+                     "are checked several per step; the answers are the same (exact for greedy and sampling). "
+                     "ort-fused artifacts, one sequence at a time.")(f)
     return f
 
 

@@ -36,8 +36,8 @@ def interface(config: ModelConfig) -> tuple[tuple[TensorSpec, ...], tuple[Tensor
     b, s = names.AXIS_BATCH, names.AXIS_SEQ
     kv = (b, config.num_kv_heads, fused.AXIS_CAPACITY, fused.kv_head_dim(config))
     inputs = [TensorSpec(names.INPUT_IDS, "int64", (b, s)), TensorSpec(fused.SEQLENS_K, "int32", (b,)),
-              TensorSpec(fused.TOTAL_SEQUENCE_LENGTH, "int32", ())]
-    outputs = [TensorSpec(names.LOGITS, F32, (b, config.vocab_size))]
+              TensorSpec(fused.TOTAL_SEQUENCE_LENGTH, "int32", ()), TensorSpec(fused.NUM_LOGITS, "int64", (1,))]
+    outputs = [TensorSpec(names.LOGITS, F32, (fused.AXIS_LOGIT_ROWS, config.vocab_size))]
     for layer in range(config.num_layers):
         inputs += [TensorSpec(names.past_key_name(layer), F32, kv), TensorSpec(names.past_value_name(layer), F32, kv)]
         outputs += [TensorSpec(names.present_key_name(layer), F32, kv),
@@ -138,9 +138,10 @@ class FusedLlamaGraph:
         return write_linear(g, act, f"{prefix}.down_proj.weight", self._get(f"{prefix}.down_proj.weight"), self.quant)
 
     def lm_head(self, mlp_out: str, residual: str) -> None:
-        """Final norm and head on the last position only: [batch, vocab]."""
+        """Final norm and head on the last num_logits positions: [batch * num_logits, vocab] (num_logits is 1
+        but for a step that checks speculated tokens, which needs every fed position's logits)."""
         g, c = self.g, self.c
-        last = [g.constant([-1], np.int64), g.constant([2**62], np.int64), g.constant([1], np.int64)]
+        last = [g.add("Neg", [fused.NUM_LOGITS]), g.constant([2**62], np.int64), g.constant([1], np.int64)]
         normed, _ = self.norm(g.add("Slice", [mlp_out, *last], name=LAST_HIDDEN), "model.norm.weight",
                               g.add("Slice", [residual, *last], name=LAST_RESIDUAL))
         flat = g.add("Reshape", [normed, g.constant([-1, c.hidden_size], np.int64)])

@@ -79,6 +79,8 @@ class MixedGraphRewriter:
     def rewrite(self) -> onnx.ModelProto:
         self.prologue()
         for node in self.graph.node:
+            if fused.NUM_LOGITS in node.input:
+                continue  # the mixed step's head reads its own rows (last_positions): no num_logits
             if node.op_type == GQA:
                 self.attention(node)
             elif node.output[0] in (LAST_HIDDEN, LAST_RESIDUAL):
@@ -95,6 +97,8 @@ class MixedGraphRewriter:
 
     def _interface(self) -> None:
         g, batch = self.graph, names.AXIS_BATCH
+        for value in [v for v in g.input if v.name == fused.NUM_LOGITS]:
+            g.input.remove(value)
         chunk_inputs = [helper.make_tensor_value_info(fused.CHUNK_IDS, TensorProto.INT64, [1, fused.AXIS_CHUNK]),
                         helper.make_tensor_value_info(fused.CHUNK_SEQLENS_K, TensorProto.INT32, [1]),
                         helper.make_tensor_value_info(fused.CHUNK_TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])]

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from llmpack.runtime.backends.interface import Backend, kv_copies_of, mixed_steps_of
+from llmpack.runtime.backends.interface import Backend, kv_copies_of, mixed_steps_of, speculation_of
 from llmpack.runtime.errors import BackendError, LlmpackError
 from llmpack.runtime.generate import FINISH_CANCELLED, FINISH_ERROR, SequenceState, TokenSink
 from llmpack.runtime.manifest import DEFAULT_PREFILL_CHUNK
@@ -95,7 +95,7 @@ class PrefillPacer:
 
 class BatchScheduler:
     def __init__(self, backend: Backend, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefix_cache: PrefixCache | None = None, context_limit: int | None = None):
+                 prefix_cache: PrefixCache | None = None, context_limit: int | None = None, speculate: bool = False):
         self.backend = backend
         # A sequence's prompt + answer never pass this (the backend's capacity, or less when asked)
         self.context_limit = min(context_limit or backend.context_length, backend.context_length)
@@ -105,6 +105,12 @@ class BatchScheduler:
         self.copies = kv_copies_of(backend)
         self.prefix_cache = prefix_cache if self.copies is not None else None
         self.pacer = PrefillPacer(prefill_chunk, mixed=self.mixing)
+        # Speculative decoding (prompt lookup), at batch 1: a wider step pays only while it is memory-bound
+        self.speculation = speculation_of(backend) if speculate else None
+        if speculate and self.speculation is None:
+            log.warning("speculation off: the %s backend (or this artifact's graph) cannot check several tokens "
+                        "in one step; rebuild an ort-fused artifact to use it", backend.name)
+        self.proposed = self.accepted = 0  # speculated tokens checked and kept, since the start (metrics)
         self._waiting: deque[SequenceState] = deque()
         self._active: list[SequenceState] = []
         self._free_slots = list(range(backend.max_batch))
@@ -124,6 +130,8 @@ class BatchScheduler:
     def submit(self, sink: TokenSink, max_tokens: int, sampling: SamplingParams, stop_ids: Sequence[int]) -> None:
         """Queue the sequence of `sink.prompt_ids`; its tokens go to `sink` from the batch thread."""
         state = SequenceState(sink, max_tokens, sampling, stop_ids, self.backend.vocab_size, self.context_limit)
+        if self.speculation is not None:
+            state.speculate()
         sink.on_cancel = self._wake
         with self._cond:
             if self._stopping:
@@ -218,6 +226,8 @@ class BatchScheduler:
         self._read(state, len(chunk), logits)
 
     def _decode_step(self, ready: list[SequenceState]) -> None:
+        if self.speculation is not None and len(ready) == 1 and self._speculated_step(ready[0]):
+            return
         started = time.perf_counter()
         try:
             logits = self.backend.decode([s.slot for s in ready], [s.pending for s in ready])
@@ -227,6 +237,25 @@ class BatchScheduler:
         self._observe(len(ready))
         for row, state in enumerate(ready):
             state.advance(logits[row])
+
+    def _speculated_step(self, state: SequenceState) -> bool:
+        """Check the sequence's proposal in one step (the pending token + k proposed, every position's
+        logits), keep what is accepted and drop the rest from the cache; False: no proposal, decode."""
+        proposal = state.proposal()
+        if not proposal:
+            return False
+        cached = self.backend.cached_tokens(state.slot)
+        try:
+            rows = self.speculation.score(state.slot, [state.pending, *proposal])
+            accepted = state.advance_speculated(rows, proposal)
+            self.speculation.truncate(state.slot, cached + 1 + accepted)
+        except Exception as exc:  # noqa: BLE001 - any backend failure ends only this sequence
+            self._fail([state], exc)
+            return True
+        state.proposal_length.update(len(proposal), accepted)
+        self.proposed, self.accepted = self.proposed + len(proposal), self.accepted + accepted
+        self._observe(1)
+        return True
 
     def _mixed_step(self, reading: SequenceState, ready: list[SequenceState]) -> None:
         chunk = self._next_chunk(reading, decoding=len(ready))

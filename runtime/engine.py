@@ -25,6 +25,8 @@ from llmpack.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger("llmpack.runtime")
 
+SPECULATION_MODES = ("off", "ngram")
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -47,6 +49,9 @@ class EngineOptions:
     # (and one less for the prompt). The serve wing passes the Workers AI spec's 3072 / 2500.
     context_limit: int | None = None
     input_limit: int | None = None
+    # "ngram": prompt-lookup speculative decoding (runtime/speculation.py), exact; at batch 1, on ort-fused
+    # artifacts. Off by default until the benchmark says where it pays.
+    speculate: str = "off"
 
 
 class Engine:
@@ -59,7 +64,10 @@ class Engine:
         self.stop_ids = artifact.manifest.stop_token_ids
         prefix_cache_mb = options.prefix_cache_mb
         cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
-        self.scheduler = BatchScheduler(backend, options.prefill_chunk, cache, options.context_limit)
+        if options.speculate not in SPECULATION_MODES:
+            raise ValueError(f"speculate={options.speculate!r}; choose one of {', '.join(SPECULATION_MODES)}")
+        self.scheduler = BatchScheduler(backend, options.prefill_chunk, cache, options.context_limit,
+                                        speculate=options.speculate == "ngram")
         self.context_limit = self.scheduler.context_limit  # at most what the backend holds
         self.input_limit = min(options.input_limit or self.context_limit, self.context_limit - 1)
         if self.prefix_cache is not None:  # in tokens, what the megabytes mean for this model

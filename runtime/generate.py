@@ -27,6 +27,7 @@ from llmpack.runtime.sampling import (
     sample_from_scores,
     token_logprobs,
 )
+from llmpack.runtime.speculation import NgramProposer, ProposalLength, accept_token
 from llmpack.runtime.tokenizer import Tokenizer
 
 FINISH_STOP = "stop"  # the model produced a stop id
@@ -130,6 +131,19 @@ class SequenceState:
         self.pending: int | None = None  # the token the next decode step must feed
         self.slot: int | None = None
         self.done = False
+        # Speculative decoding (the scheduler turns it on): the sequence's own n-gram index, and its k
+        self.proposer: NgramProposer | None = None
+        self.proposal_length: ProposalLength | None = None
+
+    def speculate(self) -> None:
+        self.proposer, self.proposal_length = NgramProposer().extend(self.prompt_ids), ProposalLength()
+
+    def proposal(self) -> list[int]:
+        """Tokens worth checking in the next step ([]: decode as usual); never past the budget."""
+        if self.proposer is None:
+            return []
+        k = min(self.proposal_length.next_k(), self.budget - self.generated - 1)
+        return self.proposer.propose(k) if k > 0 else []
 
     def advance(self, logits: np.ndarray) -> None:
         """Choose the next token from the last logits; emits it, or ends the sequence."""
@@ -137,17 +151,39 @@ class SequenceState:
         if self.generated >= self.budget:
             return self.finish(FINISH_LENGTH)
         scores = processed_scores(logits, self.sampling, self.history)
-        token = sample_from_scores(scores, self.sampling, self.rng)
+        self._emit(sample_from_scores(scores, self.sampling, self.rng), scores)
+
+    def advance_speculated(self, rows: np.ndarray, proposal: list[int]) -> int:
+        """rows[i]: the logits after the pending token and proposal[:i]. Emits the proposals accepted
+        (speculation.accept_token: exact for greedy and sampling), then one token more — the draw that
+        replaced a rejected one, or the next after all of them; returns how many proposals went out."""
+        self.pending = None
+        for i, proposed in enumerate(proposal):
+            scores = processed_scores(rows[i], self.sampling, self.history)
+            accepted, token = accept_token(scores, self.sampling, proposed, self.rng)
+            alive = self._emit(token, scores)
+            if not accepted or not alive:
+                return i + (accepted and token not in self.stop_ids)
+        self.advance(rows[len(proposal)])
+        return len(proposal)
+
+    def _emit(self, token: int, scores: np.ndarray) -> bool:
+        """Send a chosen token out; False when the sequence ended with it (a stop id, or the budget)."""
         if token in self.stop_ids:
-            return self.finish(FINISH_STOP)
+            self.finish(FINISH_STOP)
+            return False
         self.generated += 1
         self.output_ids.append(token)
         self.history.add(token)
+        if self.proposer is not None:
+            self.proposer.add(token)
         wanted = self.sampling.top_logprobs
         self.sink.put(token, None if wanted is None else token_logprobs(scores, self.sampling, token, wanted))
         if self.generated >= self.budget:
-            return self.finish(FINISH_LENGTH)  # no decode step for a token nobody will sample after
+            self.finish(FINISH_LENGTH)  # no decode step for a token nobody will sample after
+            return False
         self.pending = token
+        return True
 
     def finish(self, reason: str, error: BaseException | None = None) -> None:
         if not self.done:

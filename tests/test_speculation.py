@@ -109,3 +109,129 @@ def test_proposal_length_follows_acceptance_and_pauses_when_nothing_pays():
     length.update(2, 0)
     length.update(2, 0)  # two proposals in a row gained nothing: pause
     assert [length.next_k() for _ in range(4)] == [0, 0, 0, 1]
+
+
+# --- the backend half: one step checks k tokens, and the rejected ones leave the cache ----------------------
+
+
+def open_fused(artifact, max_batch: int = 2):
+    from llmpack.runtime.artifact import open_artifact, open_backend
+
+    return open_backend(open_artifact(artifact), "cpu", max_batch=max_batch)
+
+
+@pytest.mark.parametrize("which", ["fused_stories", "fused_tiny"])
+def test_score_gives_every_fed_positions_logits_as_decoding_them_one_by_one(request, which):
+    backend = open_fused(request.getfixturevalue(which))
+    prompt, fed = [1, 45, 67, 89, 23, 11], [34, 56, 78, 90]
+    backend.prefill(0, prompt)
+    scored = backend.score(0, fed)
+    backend.prefill(1, prompt)
+    one_by_one = np.stack([backend.decode([1], [token])[0] for token in fed])
+    assert scored.shape == (len(fed), backend.vocab_size)
+    np.testing.assert_allclose(scored, one_by_one, rtol=1e-4, atol=1e-4)
+    assert (scored.argmax(-1) == one_by_one.argmax(-1)).all()
+    assert backend.cached_tokens(0) == backend.cached_tokens(1) == len(prompt) + len(fed)
+
+
+def test_truncating_the_rejected_tokens_leaves_the_cache_of_a_sequence_that_never_saw_them(fused_tiny):
+    backend = open_fused(fused_tiny)
+    prompt = [1, 5, 9, 13, 17]
+    backend.prefill(0, prompt)
+    backend.score(0, [21, 25, 29, 33])  # 21 and 25 accepted, 29 and 33 rejected
+    backend.truncate(0, len(prompt) + 2)
+    backend.prefill(1, prompt)
+    backend.decode([1], [21])
+    backend.decode([1], [25])
+    length = len(prompt) + 2
+    np.testing.assert_allclose(backend.export_kv(0, length), backend.export_kv(1, length), rtol=1e-4, atol=1e-5)
+    after_rollback, never_saw = backend.decode([0, 1], [40, 40])
+    np.testing.assert_allclose(after_rollback, never_saw, rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match="cannot keep"):
+        backend.truncate(0, 99)
+
+
+def test_a_mixed_step_after_speculation_still_works(fused_tiny):
+    """mixed.onnx has no num_logits input: the rewrite drops it, and a mixed step runs beside scored slots."""
+    backend = open_fused(fused_tiny, max_batch=3)
+    assert backend.can_score and backend.can_mix
+    backend.prefill(0, [1, 2, 3])
+    backend.score(0, [4, 5])
+    logits, chunk_logits = backend.decode_and_prefill([0], [6], 1, [1, 7, 8])
+    assert logits.shape == (1, backend.vocab_size) and chunk_logits.shape == (backend.vocab_size,)
+
+
+# --- the engine: speculation on gives the same answers ---------------------------------------------------
+
+STORY_PROMPTS = ["Once upon a time", "Lily and Ben went to the park. Lily and Ben", "The cat sat on the mat. The cat",
+                 "One day, a little girl named Lily found a big red ball. Lily loved the big red ball. One day,",
+                 "Tom had a toy car. Tom"]
+
+
+def engine(artifact, speculate: str, max_batch: int = 1):
+    from llmpack.runtime.engine import Engine, EngineOptions
+
+    return Engine.load(artifact, EngineOptions(speculate=speculate, max_batch=max_batch, prefix_cache_mb=0))
+
+
+def answers(eng, prompts, max_tokens: int, sampling) -> list[list[int]]:
+    out = []
+    for prompt in prompts:
+        ids = [eng.tokenizer.bos_id, *eng.tokenizer.encode(prompt)]
+        out.append(list(eng.generate_ids(ids, max_tokens, sampling)))
+    return out
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 7, 120])
+def test_greedy_with_speculation_is_token_identical_on_stories260k(fused_stories, max_tokens):
+    greedy = SamplingParams(temperature=0)
+    off, on = engine(fused_stories, "off"), engine(fused_stories, "ngram")
+    try:
+        assert answers(on, STORY_PROMPTS, max_tokens, greedy) == answers(off, STORY_PROMPTS, max_tokens, greedy)
+        if max_tokens == 120:  # the stories repeat names and phrases: proposals were made and kept
+            assert on.scheduler.accepted > 20 and on.scheduler.proposed >= on.scheduler.accepted
+    finally:
+        off.close()
+        on.close()
+
+
+def test_stop_ids_end_a_speculated_answer_where_they_would_without_it(fused_stories):
+    greedy = SamplingParams(temperature=0)
+    off, on = engine(fused_stories, "off"), engine(fused_stories, "ngram")
+    try:
+        plain = answers(off, STORY_PROMPTS[1:2], 120, greedy)[0]
+        stop = plain[40]  # a token the answer reaches after proposals have been checked
+        ids = [off.tokenizer.bos_id, *off.tokenizer.encode(STORY_PROMPTS[1])]
+        with_stop = [list(e.generate_ids(ids, 120, greedy, stop_ids=[stop])) for e in (off, on)]
+        assert with_stop[0] == with_stop[1] == plain[: plain.index(stop)]
+    finally:
+        off.close()
+        on.close()
+
+
+def test_speculation_at_batch_one_gives_what_batched_sequences_give(fused_stories):
+    """Four at once decode batched (speculation backs off above batch 1): the same answers as one by one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    greedy = SamplingParams(temperature=0)
+    alone, batched = engine(fused_stories, "ngram"), engine(fused_stories, "ngram", max_batch=4)
+    try:
+        expected = answers(alone, STORY_PROMPTS[:4], 60, greedy)
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda p: answers(batched, [p], 60, greedy)[0], STORY_PROMPTS[:4]))
+        assert got == expected
+    finally:
+        alone.close()
+        batched.close()
+
+
+def test_sampled_answers_with_speculation_are_valid_and_seeded(fused_stories):
+    """Same seed, same answer (the generator is the sequence's own); the distribution itself is the pure
+    acceptance rule's, checked by chi-square above."""
+    sampling = SamplingParams(temperature=0.8, top_k=20, seed=1234)
+    on = engine(fused_stories, "ngram")
+    try:
+        first, second = (answers(on, STORY_PROMPTS[1:2], 80, sampling)[0] for _ in range(2))
+        assert first == second and len(first) > 0
+    finally:
+        on.close()

@@ -16,6 +16,10 @@ from llmpack.runtime.manifest import BuildManifest, ModelConfig
 SEQLENS_K = "seqlens_k"  # int32 [batch]
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar: max over rows of seqlens_k + 1
 AXIS_CAPACITY = "capacity"  # the cache buffers' time axis: preallocated, shared by past and present
+# int64 [1]: how many last positions get logits (1 for decode and prompt chunks; k + 1 when a step checks k
+# speculated tokens). Logits are then [batch * num_logits, vocab]. Artifacts built before it lack the input.
+NUM_LOGITS = "num_logits"
+AXIS_LOGIT_ROWS = "logit_rows"
 
 # The mixed-step graph (mixed.onnx, beside model.onnx and sharing its weights file): ONE pass over the
 # weights runs a decode step for a batch (the inputs above, seq 1) AND a prompt chunk of one more

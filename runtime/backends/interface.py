@@ -12,6 +12,9 @@ Optional capabilities are typed Protocols of their own, checked once when the sc
   backend's mixed.onnx); the batch scheduler uses it while a prompt joins running decodes.
 - KvCopies: copy a slot's first positions out and into a reset slot; the prefix cache uses it (the
   ONNX Runtime CPU backends have it).
+- Speculation: a step that appends several tokens and returns the logits after each (checking
+  speculated tokens in one pass over the weights), and dropping the cache's last positions (the
+  rejected ones); the ort-fused backend has it.
 """
 
 from __future__ import annotations
@@ -70,6 +73,24 @@ class KvCopies(Protocol):
     def import_kv(self, slot: int, kv: np.ndarray, length: int) -> None:
         """A reset slot starts from a copy export_kv made."""
         ...
+
+
+@runtime_checkable
+class Speculation(Protocol):
+    can_score: bool  # False for artifacts whose graph gives last-position logits only
+
+    def score(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
+        """Append token_ids to the slot's sequence in one step; logits after each of them [len, vocab]."""
+        ...
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep only the slot's first `length` cached positions (drop rejected speculated tokens)."""
+        ...
+
+
+def speculation_of(backend: Backend) -> Speculation | None:
+    """The backend as Speculation when its artifact supports it, else None."""
+    return backend if isinstance(backend, Speculation) and backend.can_score else None
 
 
 def mixed_steps_of(backend: Backend) -> MixedSteps | None:

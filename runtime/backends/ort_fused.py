@@ -96,15 +96,19 @@ class StepBinding:
     (measured: the per-call binding cost 0.63 ms of an 8 ms int4 step on bench-110m).
     """
 
-    def __init__(self, session, rows: int, seq: int, vocab: int, logit_rows: int | None = None):
+    def __init__(self, session, rows: int, seq: int, vocab: int, logit_rows: int | None = None,
+                 num_logits: int | None = 1):
         self.session = session
         self.ids = np.zeros((rows, seq), np.int64)
         self.seqlens = np.zeros(rows, np.int32)
         self.total = np.zeros((), np.int32)
-        self.logits = np.zeros((logit_rows or rows, vocab), np.float32)
+        self.logits = np.zeros((logit_rows or rows * (num_logits or 1), vocab), np.float32)
         self.binding = session.io_binding()
         self._bind_inputs(((names.INPUT_IDS, self.ids), (fused.SEQLENS_K, self.seqlens),
                            (fused.TOTAL_SEQUENCE_LENGTH, self.total)))
+        if num_logits is not None:  # graphs built before num_logits give the last position only
+            self.num_logits = np.array([num_logits], np.int64)
+            self._bind_inputs(((fused.NUM_LOGITS, self.num_logits),))
         self.binding.bind_ortvalue_output(names.LOGITS, _ortvalue(self.logits))
 
     def _bind_inputs(self, arrays) -> None:
@@ -127,7 +131,7 @@ class MixedStepBinding(StepBinding):
     row's cache the backend binds as a one-row view of the same buffers."""
 
     def __init__(self, session, rows: int, chunk: int, vocab: int):
-        super().__init__(session, rows, 1, vocab, logit_rows=rows + 1)
+        super().__init__(session, rows, 1, vocab, logit_rows=rows + 1, num_logits=None)
         self.chunk_ids = np.zeros((1, chunk), np.int64)
         self.chunk_seqlens = np.zeros(1, np.int32)
         self.chunk_total = np.zeros((), np.int32)
@@ -161,6 +165,8 @@ class OrtFusedBackend(CpuSessionBackend):
                                  manifest.max_context + 1, max_batch)
         self._bindings: dict[tuple[int, int, int], StepBinding] = {}
         self._mixed_bindings: dict[tuple[int, int, int], MixedStepBinding] = {}
+        # Speculation: a step that returns every fed position's logits (Backend's Speculation capability)
+        self.can_score = fused.NUM_LOGITS in {i.name for i in self.session.get_inputs()}
         self.mixed_session = self._open_mixed_session(artifact, threads) if mixing else None
 
     def _open_mixed_session(self, artifact: Path, threads: int | None):
@@ -179,15 +185,17 @@ class OrtFusedBackend(CpuSessionBackend):
         """Whether decode_and_prefill runs as one pass (else the scheduler calls decode and prefill)."""
         return self.mixed_session is not None
 
-    def _step(self, first_row: int, rows: int, seq: int, length: int) -> StepBinding:
-        """The binding for rows first_row..first_row+rows fed `seq` tokens, with cache room for `length`."""
+    def _step(self, first_row: int, rows: int, seq: int, length: int, all_logits: bool = False) -> StepBinding:
+        """The binding for rows first_row..first_row+rows fed `seq` tokens, with cache room for `length`;
+        `all_logits`: logits for every fed position, not just the last."""
         self._ensure(first_row + rows, length)
-        key = (first_row, rows, seq)
+        key = (first_row, rows, -seq if all_logits else seq)
         step = self._bindings.get(key)
         if step is None:
-            step = StepBinding(self.session, rows, seq, self.vocab_size)
+            step = StepBinding(self.session, rows, seq, self.vocab_size,
+                               num_logits=(seq if all_logits else 1) if self.can_score else None)
             step.bind_cache(self._past_names, self._present_names, self.cache.views(first_row, rows))
-            if seq == 1:  # decode shapes repeat every step; prompt chunks rarely do
+            if seq == 1 or all_logits:  # decode shapes repeat every step, speculated ones often; chunks rarely
                 self._bindings[key] = step
         return step
 
@@ -268,6 +276,28 @@ class OrtFusedBackend(CpuSessionBackend):
             self._lengths[slot] += 1
         self._lengths[chunk_slot] = total
         return logits[list(slots)], logits[rows].copy()
+
+    def score(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
+        """Append token_ids to the slot and return the logits after each of them, [len(token_ids), vocab]:
+        one pass over the weights checks a speculated continuation (Speculation capability)."""
+        if not self.can_score:
+            raise BackendError("this artifact's graph gives last-position logits only; rebuild it to speculate")
+        if self._lengths[slot] == 0 or not token_ids:
+            raise BackendError("score needs a prefilled slot and at least one token")
+        total = self._check_room(slot, len(token_ids))
+        step = self._step(slot, 1, len(token_ids), total + 1, all_logits=True)
+        step.ids[0] = token_ids
+        step.seqlens[0] = total - 1
+        logits = step.run()
+        self._lengths[slot] = total
+        return logits.copy()
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the slot's first `length` positions: the in-place cache's later ones are overwritten by the
+        next tokens written there, so only the length goes back."""
+        if not 0 < length <= self._lengths[slot]:
+            raise BackendError(f"slot {slot} holds {self._lengths[slot]} tokens; cannot keep {length}")
+        self._lengths[slot] = length
 
     def reset(self, slot: int) -> None:
         self._lengths[slot] = 0

@@ -66,6 +66,16 @@ def register_prefix_cache(metrics: Metrics, cache) -> None:
     metrics.gauge("llmpack_prefix_cache_bytes", "Bytes of KV copies the prefix cache holds.", lambda: cache.nbytes)
 
 
+def register_speculation(metrics: Metrics, scheduler) -> None:
+    """Speculative decoding's counters (none when it is off): tokens proposed and tokens kept."""
+    if scheduler.speculation is None:
+        return
+    metrics.gauge("llmpack_speculated_tokens_total", "Tokens proposed by prompt lookup and checked in a step.",
+                  lambda: scheduler.proposed, kind="counter")
+    metrics.gauge("llmpack_speculated_tokens_accepted_total", "Proposed tokens accepted (each saved a step).",
+                  lambda: scheduler.accepted, kind="counter")
+
+
 class ServerState:
     """What the routes share: the engine, admission, the metrics and readiness."""
 
@@ -75,6 +85,7 @@ class ServerState:
         self.metrics = Metrics()
         self.admission = Admission(engine, settings.max_queue, self.metrics)
         register_prefix_cache(self.metrics, engine.prefix_cache)
+        register_speculation(self.metrics, engine.scheduler)
         engine.scheduler.on_step = self.metrics.decode_step
         # The Workers AI id first: it is what existing clients ask for.
         self.models = tuple(dict.fromkeys((MODEL_NAME, settings.served_model_name or engine.model_name)))
