@@ -8,7 +8,7 @@ FUZZ_EXAMPLES ?= 300
 FUZZ_SEED ?=
 SOAK_SECONDS ?= 180
 
-.PHONY: gpu-install bench-llama-server bench-served install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-huge-pages bench-int4-kernel bench-step-costs gpu-check clean bench bench-variants bench-peers
+.PHONY: gpu-install gpu-standin bench-llama-server bench-served install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-huge-pages bench-int4-kernel bench-step-costs gpu-check clean bench bench-variants bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -110,6 +110,16 @@ gpu-install: $(GPU_STAMP)
 # Exits 2 with one line per backend when none can run. GPU_CHECK_ARGS="--stories DIR more/checkpoints".
 gpu-check: gpu-install
 	$(GPU_VENV)/bin/python bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The device KV path on a GPU without TensorRT: bench/gpu_standin.py drives the real DeviceKvBackend + CudaDevice
+# with a stand-in engine (the standard graph's ops on torch CUDA tensors, at the raw device addresses) against the
+# ONNX Runtime CPU backend. Installs nothing: it runs from the source tree on STANDIN_PYTHON, which must have
+# torch (CUDA), numpy, onnx, onnxruntime and cuda-python, as the lent GPU machines do. ≤ 6 minutes; writes
+# bench/results/gpu-standin-<date>.md.
+STANDIN_PYTHON ?= python3
+STANDIN_ARGS ?=
+gpu-standin:
+	$(STANDIN_PYTHON) bench/gpu_standin.py --device cuda $(STANDIN_ARGS)
 
 # `make bench`: llmpack (standard and ort-fused graphs, fp32/int8/int4) and its peers on bench-110m, each in
 # its own process, alternating over 5 rounds; writes bench/results/<date>.md (README "Performance on CPU").
