@@ -8,13 +8,14 @@ FUZZ_EXAMPLES ?= 300
 FUZZ_SEED ?=
 SOAK_SECONDS ?= 180
 
-.PHONY: bench-llama-server bench-served install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-huge-pages bench-int4-kernel bench-step-costs gpu-check clean bench bench-variants bench-peers
+.PHONY: gpu-install gpu-standin bench-llama-server bench-served install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-huge-pages bench-int4-kernel bench-step-costs gpu-check clean bench bench-variants bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The CPU wheel of torch (on local disk here); never a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[export,serve,dev]"
+	# `cpu`: the CPU build of ONNX Runtime (pyproject: it and `gpu` are alternatives, never both).
+	$(BIN)/pip install -q -e ".[export,serve,cpu,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -89,11 +90,36 @@ bench-step-costs: bench-model
 	$(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-fp32 --graph ort-fused
 	$(BIN)/python bench/step_costs.py artifacts/bench-110m-fused-fp32
 
-# On a machine with an NVIDIA GPU, TensorRT and onnxruntime-gpu (see README, GPU): engines for the demo and
-# stories260k models, parity of each backend with the CPU reference, TTFT, tokens/s and GPU memory.
-# Anywhere else it exits 2 with one line saying what is missing.
-gpu-check: install
-	$(BIN)/python bench/gpu_check.py
+# GPU machines get their own venv with the `gpu` extra, never `make install`'s: that one pins the CPU torch wheel
+# and the CPU onnxruntime, which would shadow onnxruntime-gpu. --system-site-packages lets a CUDA torch already
+# on the machine satisfy the export extra's pin.
+GPU_VENV ?= .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.llmpack-gpu-installed
+GPU_CHECK_ARGS ?=
+
+$(GPU_STAMP): pyproject.toml
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install -q -e ".[export,serve,gpu]"
+	touch $(GPU_STAMP)
+
+gpu-install: $(GPU_STAMP)
+
+# Each GPU backend that can run here (TensorRT, ONNX Runtime CUDA; each gated on its own) against the CPU
+# reference on stories260k (the gate; --stories PATH for another copy) and the demo model (reported): parity,
+# batched vs alone, TTFT, tokens/s, GPU memory; TensorRT's verbose build log and layer JSON beside the artifacts.
+# Exits 2 with one line per backend when none can run. GPU_CHECK_ARGS="--stories DIR more/checkpoints".
+gpu-check: gpu-install
+	$(GPU_VENV)/bin/python bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The device KV path on a GPU without TensorRT: bench/gpu_standin.py drives the real DeviceKvBackend + CudaDevice
+# with a stand-in engine (the standard graph's ops on torch CUDA tensors, at the raw device addresses) against the
+# ONNX Runtime CPU backend. Installs nothing: it runs from the source tree on STANDIN_PYTHON, which must have
+# torch (CUDA), numpy, onnx, onnxruntime and cuda-python, as the lent GPU machines do. ≤ 6 minutes; writes
+# bench/results/gpu-standin-<date>.md.
+STANDIN_PYTHON ?= python3
+STANDIN_ARGS ?=
+gpu-standin:
+	$(STANDIN_PYTHON) bench/gpu_standin.py --device cuda $(STANDIN_ARGS)
 
 # `make bench`: llmpack (standard and ort-fused graphs, fp32/int8/int4) and its peers on bench-110m, each in
 # its own process, alternating over 5 rounds; writes bench/results/<date>.md (README "Performance on CPU").

@@ -35,6 +35,9 @@ def _optional_sections(m: BuildManifest) -> list[str]:
         lines.append(f"engine        TensorRT {e.tensorrt_version} for {e.gpu_name} (compute {e.compute_capability}), "
                      f"max batch {e.max_batch}, workspace {_size(e.workspace_bytes)}, "
                      f"{'strongly typed' if e.strongly_typed else 'weakly typed'}")
+        if e.tensorrt_distribution or e.cuda_runtime:  # recorded since issue 16; older manifests lack them
+            lines.append(f"              built with {e.tensorrt_distribution or 'an unrecorded TensorRT wheel'}, "
+                         f"CUDA runtime {e.cuda_runtime or 'unrecorded'}")
         lines += [f"              profile {p.name:<8} batch {_axis(p.batch)}, seq {_axis(p.seq)}, past {_axis(p.past)}"
                   for p in e.profiles]
         lines += [f"                {f.path:<34} {_size(f.size):>10}  sha256 {f.sha256[:16]}…" for f in e.files]

@@ -54,3 +54,4 @@ class EngineBuildOptions:
     max_batch: int = 4
     workspace_gb: float = 8.0
     force: bool = False
+    report_dir: str | None = None  # set: TensorRT's verbose build log and its engine inspector's layer JSON go here

@@ -13,7 +13,8 @@ portable). Decisions, each for a reason:
   typing makes TensorRT keep exactly those types, as ONNX Runtime does; builder precision flags are
   not allowed on strongly typed networks, and weak typing is deprecated since TensorRT 10.12.
 - The timing cache lives beside the engine (engine.timing.cache) and is carried over when the ONNX
-  artifact is rebuilt, so rebuilding an unchanged graph in CI skips the tactic timing.
+  artifact is rebuilt, so rebuilding an unchanged graph in CI skips the tactic timing; one TensorRT cannot
+  read (corrupt, foreign) is replaced by a fresh one, never a failed build.
 TensorRT and cuda-python are imported inside functions: this module imports on any machine.
 """
 
@@ -31,9 +32,18 @@ from pathlib import Path
 from llmpack.export.build import BuildResult, build, build_lock
 from llmpack.export.options import BuildOptions, EngineBuildOptions, resolve_graph
 from llmpack.export.progress import tensorrt_progress_monitor
+from llmpack.export.trt_report import build_logger, close_logger, detailed_profiling, write_layer_report
 from llmpack.runtime import __version__
 from llmpack.runtime import manifest as names
-from llmpack.runtime.backends.cuda_device import GPU_EXTRA, GpuInfo, probe_gpu, tensorrt_version
+from llmpack.runtime.backends.cuda_device import (
+    GPU_EXTRA,
+    GpuInfo,
+    cuda_runtime_version,
+    probe_gpu,
+    tensorrt_distribution,
+    tensorrt_version,
+)
+from llmpack.runtime.backends.trt import tensorrt_call
 from llmpack.runtime.errors import BuildError
 from llmpack.runtime.manifest import BuildManifest, EngineInfo, EngineProfile, ModelConfig, digest_file, read_manifest
 
@@ -104,12 +114,14 @@ def profile_shapes(config: ModelConfig, profile: EngineProfile) -> dict[str, tup
     return shapes
 
 
-def engine_key(manifest: BuildManifest, tensorrt: str, gpu: GpuInfo, profiles, options: EngineBuildOptions) -> str:
+def engine_key(manifest: BuildManifest, tensorrt: str, gpu: GpuInfo, profiles, options: EngineBuildOptions,
+               distribution: str = "") -> str:
     """Everything that determines the engine: a match with the manifest's means nothing to rebuild."""
     material = {
         "llmpack": __version__,
         "graph": sorted((d.path, d.sha256) for d in manifest.files),
         "tensorrt": tensorrt,
+        "tensorrt_distribution": distribution,  # cu12 and cu13 wheels share the version string
         "gpu": [gpu.name, gpu.compute_capability],
         "profiles": [dataclasses.asdict(p) for p in profiles],
         "max_batch": options.max_batch,
@@ -173,35 +185,76 @@ def _parse(trt, builder, logger, onnx_path: Path):
     return network, parser  # the parser owns the weights: keep it alive until the engine is built
 
 
-def _builder_config(trt, builder, config: ModelConfig, profiles, options: EngineBuildOptions, cache: bytes):
-    builder_config = builder.create_builder_config()
-    builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))
+def _new_timing_cache(builder_config, data: bytes):
+    """create_timing_cache on a corrupt or foreign cache can return None or raise (Polygraphy guards this exact
+    call): then a fresh, empty one, and every tactic is timed again."""
+    try:
+        cache, why = builder_config.create_timing_cache(data), "corrupt, or from another TensorRT"
+    except (RuntimeError, TypeError) as exc:
+        cache, why = None, " ".join(str(exc).split())
+    if cache is None and data:
+        log.warning("TensorRT could not read the timing cache (%s); timing every tactic afresh", why)
+        return _new_timing_cache(builder_config, b"")
+    if cache is None:
+        raise BuildError("TensorRT could not create an empty timing cache (see its log above); "
+                         "check the TensorRT install and the GPU")
+    return cache
+
+
+def use_timing_cache(builder_config, data: bytes) -> None:
+    """Load `data` as the build's timing cache, or a fresh one when TensorRT cannot use it."""
+    try:
+        accepted = builder_config.set_timing_cache(_new_timing_cache(builder_config, data), ignore_mismatch=False)
+    except RuntimeError:
+        accepted = False
+    if not accepted:
+        log.warning("the timing cache was made by another TensorRT or GPU; timing every tactic afresh")
+        builder_config.set_timing_cache(_new_timing_cache(builder_config, b""), ignore_mismatch=False)
+
+
+def add_profiles(builder, builder_config, config: ModelConfig, profiles) -> None:
     for profile in profiles:
         trt_profile = builder.create_optimization_profile()
         for name, (low, opt, high) in profile_shapes(config, profile).items():
-            trt_profile.set_shape(name, low, opt, high)
-        builder_config.add_optimization_profile(trt_profile)
-    if not builder_config.set_timing_cache(builder_config.create_timing_cache(cache), ignore_mismatch=False):
-        log.warning("the timing cache was made by another TensorRT or GPU; timing every tactic afresh")
-        builder_config.set_timing_cache(builder_config.create_timing_cache(b""), ignore_mismatch=False)
+            tensorrt_call(BuildError, f"the {profile.name} profile's shapes {low}…{high} for {name}",
+                          "report it with the artifact's manifest", trt_profile.set_shape, name, low, opt, high)
+        if builder_config.add_optimization_profile(trt_profile) < 0:
+            raise BuildError(f"TensorRT refused the {profile.name} optimization profile (see its log above); "
+                             "report it with the artifact's manifest")
+
+
+def _builder_config(trt, builder, config: ModelConfig, profiles, options: EngineBuildOptions, cache: bytes):
+    builder_config = builder.create_builder_config()
+    builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))
+    add_profiles(builder, builder_config, config, profiles)
+    use_timing_cache(builder_config, cache)
+    detailed_profiling(trt, builder_config, _report_dir(options))
     return builder_config
+
+
+def _report_dir(options: EngineBuildOptions) -> Path | None:
+    return Path(options.report_dir) if options.report_dir else None
 
 
 def _run_tensorrt(onnx_path: Path, config: ModelConfig, profiles, options: EngineBuildOptions, cache: bytes):
     import tensorrt as trt
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network, _parser = _parse(trt, builder, logger, onnx_path)
-    builder_config = _builder_config(trt, builder, config, profiles, options, cache)
-    monitor = tensorrt_progress_monitor(trt, sys.stderr.isatty())  # alive until the build returns
-    builder_config.progress_monitor = monitor
-    log.info("building the TensorRT engine (minutes for a 7B model; the timing cache makes a rebuild quick)")
-    plan = builder.build_serialized_network(network, builder_config)
-    if plan is None:
-        raise BuildError("TensorRT could not build the engine (its log above says why); "
-                         "a larger --workspace-gb or a smaller --max-batch may help")
-    return plan, builder_config.get_timing_cache().serialize()
+    logger = build_logger(trt, _report_dir(options))
+    try:
+        builder = trt.Builder(logger)
+        network, _parser = _parse(trt, builder, logger, onnx_path)
+        builder_config = _builder_config(trt, builder, config, profiles, options, cache)
+        monitor = tensorrt_progress_monitor(trt, sys.stderr.isatty())  # alive until the build returns
+        builder_config.progress_monitor = monitor
+        log.info("building the TensorRT engine (minutes for a 7B model; the timing cache makes a rebuild quick)")
+        plan = builder.build_serialized_network(network, builder_config)
+        if plan is None:
+            raise BuildError("TensorRT could not build the engine (its log above says why); "
+                             "a larger --workspace-gb or a smaller --max-batch may help")
+        write_layer_report(trt, logger, plan, _report_dir(options))
+        return plan, builder_config.get_timing_cache().serialize()
+    finally:
+        close_logger(logger)
 
 
 def build_engine(artifact: Path, options: EngineBuildOptions, tensorrt: str, gpu: GpuInfo,
@@ -212,7 +265,8 @@ def build_engine(artifact: Path, options: EngineBuildOptions, tensorrt: str, gpu
     if problem:
         raise BuildError(problem)
     profiles = optimization_profiles(manifest.config, manifest.max_context, options.max_batch)
-    key = engine_key(manifest, tensorrt, gpu, profiles, options)
+    distribution = tensorrt_distribution()
+    key = engine_key(manifest, tensorrt, gpu, profiles, options, distribution)
     if not options.force and engine_is_current(artifact, manifest.engine, key):
         return EngineResult(artifact, manifest.engine, reused=True)
     with build_lock(artifact):
@@ -223,7 +277,8 @@ def build_engine(artifact: Path, options: EngineBuildOptions, tensorrt: str, gpu
         engine = EngineInfo(tensorrt_version=tensorrt, gpu_name=gpu.name, compute_capability=gpu.compute_capability,
                             max_batch=options.max_batch, profiles=profiles,
                             files=(digest_file(artifact, names.ENGINE_FILE),), build_key=key,
-                            workspace_bytes=int(options.workspace_gb * 2**30))
+                            workspace_bytes=int(options.workspace_gb * 2**30),
+                            tensorrt_distribution=distribution, cuda_runtime=cuda_runtime_version())
         updated = dataclasses.replace(manifest, engine=engine)
         _write_atomically(artifact / names.MANIFEST_FILE, updated.to_json().encode())
     return EngineResult(artifact, engine, reused=False)

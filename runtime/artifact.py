@@ -13,6 +13,7 @@ from llmpack.runtime import manifest as names
 from llmpack.runtime.backends.cuda_device import GPU_EXTRA, GpuInfo, probe_gpu, tensorrt_version
 from llmpack.runtime.backends.huge_pages import back_with_huge_pages, mapped_ranges
 from llmpack.runtime.backends.interface import Backend
+from llmpack.runtime.backends.ort_install import import_onnxruntime
 from llmpack.runtime.backends.trt import engine_problem
 from llmpack.runtime.errors import ArtifactError
 from llmpack.runtime.manifest import BuildManifest, check_artifact_files, read_manifest
@@ -48,9 +49,7 @@ def open_artifact(path: Path | str, verify_checksums: bool = True) -> Artifact:
 
 
 def ort_providers() -> tuple[str, ...]:
-    import onnxruntime
-
-    return tuple(onnxruntime.get_available_providers())
+    return tuple(import_onnxruntime().get_available_providers())
 
 
 @dataclass(frozen=True)

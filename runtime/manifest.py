@@ -157,6 +157,9 @@ class EngineInfo:
     build_key: str  # hash of the graph, TensorRT, GPU and profiles: a match means nothing to rebuild
     workspace_bytes: int
     strongly_typed: bool = True  # tensor types come from the ONNX graph (fp32 norms/softmax kept)
+    # Defaults keep older manifests loading. cu12 and cu13 wheels share one version string: the wheel says which.
+    tensorrt_distribution: str = ""  # "tensorrt-cu13"
+    cuda_runtime: str = ""  # "13.0": cudaRuntimeGetVersion when the engine was built
 
     @classmethod
     def from_dict(cls, data: dict) -> EngineInfo:

@@ -54,3 +54,70 @@ def test_wheel_maps_the_folders_into_one_namespace(tmp_path):
 def test_shipped_spec_is_the_published_one_verbatim(shared_dir):
     shipped = json.loads((REPO / "runtime" / "serve" / "spec_llama-2-7b-chat-fp16.json").read_text())
     assert shipped == json.loads((shared_dir / "spec" / "llama-2-7b-chat-fp16.json").read_text())
+
+
+# --- ONNX Runtime: the CPU and GPU builds are alternatives (issue 16, breaker 1) -----------------------
+
+
+def _extras() -> dict[str, list[str]]:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def _name(requirement: str) -> str:
+    import re
+
+    return re.split(r"[\s\[<>=!~;]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _pulled(names: set[str], installed) -> set[str]:
+    """Names reachable from `names` through the installed packages' own (non-extra) requirements."""
+    seen, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = installed(name) or []
+        except Exception:  # noqa: BLE001 - not installed here (onnxruntime-gpu, tensorrt): its own name only
+            continue
+        todo += [_name(r) for r in requires if "extra ==" not in r.replace('"', "").replace("'", "")]
+    return seen
+
+
+def test_no_set_of_extras_with_gpu_pulls_the_cpu_onnxruntime():
+    from importlib import metadata
+    from itertools import combinations
+
+    extras = _extras()
+    assert {_name(r) for r in extras["cpu"]} == {"onnxruntime"}
+    assert "onnxruntime-gpu" in {_name(r) for r in extras["gpu"]}
+    others = sorted(set(extras) - {"gpu", "cpu"})  # `cpu` IS the CPU build: asking for both is refused (below)
+    for size in range(len(others) + 1):
+        for chosen in combinations(others, size):
+            direct = {_name(r) for extra in ("gpu", *chosen) for r in extras[extra]}
+            pulled = _pulled(direct, metadata.requires)
+            assert "onnxruntime" not in pulled, f"[gpu,{','.join(chosen)}] pulls the CPU onnxruntime"
+
+
+def test_cpu_and_gpu_are_declared_alternatives_and_the_commands_pick_one():
+    import re
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert [{"extra": "cpu"}, {"extra": "gpu"}] in pyproject["tool"]["uv"]["conflicts"]
+    gpu = {_name(r): r for r in _extras()["gpu"]}
+    assert gpu["tensorrt-cu13"].endswith("==10.13.3.9") and "tensorrt" not in gpu  # the CUDA 13 wheel, by name
+    assert "nvidia-cudnn-cu13" in gpu  # ONNX Runtime's CUDA provider needs cuDNN 9
+    makefile = (REPO / "Makefile").read_text()
+    assert '-e ".[export,serve,cpu,dev]"' in makefile and '-e ".[export,serve,gpu]"' in makefile
+    rule = next(line for line in makefile.splitlines() if line.startswith("gpu-check:"))
+    assert rule.split(":")[1].split() == ["gpu-install"]  # never `make install`'s CPU wheels
+    for doc in ("README.md", "docs/gpu.md", "Makefile"):
+        text = (REPO / doc).read_text()
+        installs = [set(extras.split(",")) for line in text.splitlines() if "pip install" in line
+                    for extras in re.findall(r"\[([a-z,]+)\]", line)]
+        assert installs and not [x for x in installs if {"cpu", "gpu"} <= x], doc  # one ONNX Runtime per command
+        assert {"export", "serve", "gpu"} in installs, doc

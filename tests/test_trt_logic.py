@@ -127,6 +127,8 @@ TINY = ModelConfig(vocab_size=24, hidden_size=32, intermediate_size=64, num_laye
 class MemoryDevice:
     """Device memory as one numpy byte array; pointers are offsets into it. Counts what crosses."""
 
+    stream_handle = 0
+
     def __init__(self, size: int = 1 << 20):
         self.memory, self.top, self.copies, self.uploads = np.zeros(size, np.uint8), ALIGN, 0, []
 
@@ -152,6 +154,9 @@ class MemoryDevice:
     def view(self, pointer, shape, dtype):
         count = int(np.prod(shape)) * np.dtype(dtype).itemsize
         return self.memory[pointer: pointer + count].view(dtype).reshape(shape)
+
+    def synchronize(self):
+        pass
 
     def close(self):
         pass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from importlib import metadata
 
 import numpy as np
 
@@ -94,8 +95,11 @@ class CudaDevice:
         cuda_call(self.rt.cudaMemcpyAsync(out.ctypes.data, src, out.nbytes, kind, self.stream))
         cuda_call(self.rt.cudaStreamSynchronize(self.stream))
 
-    def close(self) -> None:
+    def synchronize(self) -> None:
         cuda_call(self.rt.cudaStreamSynchronize(self.stream))
+
+    def close(self) -> None:
+        self.synchronize()
         for pointer in self._allocations:
             cuda_call(self.rt.cudaFree(pointer))
         self._allocations.clear()
@@ -109,3 +113,24 @@ def tensorrt_version() -> str | None:
     except (ImportError, OSError):  # OSError: the wheel is there, its CUDA libraries are not
         return None
     return tensorrt.__version__
+
+
+def tensorrt_distribution(version=metadata.version) -> str:
+    """The TensorRT wheel installed here ("tensorrt-cu13"), "" when pip knows none: its CUDA major is in the name."""
+    for cuda in (13, 12, 11):
+        for name in (f"tensorrt-cu{cuda}", f"tensorrt-cu{cuda}-bindings"):
+            try:
+                version(name)
+            except metadata.PackageNotFoundError:
+                continue
+            return f"tensorrt-cu{cuda}"
+    return ""
+
+
+def cuda_runtime_version() -> str:
+    """The CUDA runtime cuda-python talks to, "13.0"; "" without cuda-python."""
+    try:
+        number = int(cuda_call(cudart().cudaRuntimeGetVersion()))
+    except (ImportError, BackendError):
+        return ""
+    return f"{number // 1000}.{number % 1000 // 10}"

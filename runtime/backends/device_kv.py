@@ -307,5 +307,12 @@ class DeviceKvBackend:
     def _execute(self, step: Step, bindings: list[Binding]) -> None:
         raise NotImplementedError
 
+    def _release(self) -> None:
+        """Drop what runs the engine (TensorRT contexts, an ONNX Runtime session); subclasses override."""
+
     def close(self) -> None:
+        # The engine's consumers still point at our buffers and stream: wait for its work, release them, and only
+        # then free the memory and destroy the stream (the reverse tears them down under a live context).
+        self.device.synchronize()
+        self._release()
         self.device.close()

@@ -15,6 +15,7 @@ import numpy as np
 
 from llmpack.runtime import manifest as names
 from llmpack.runtime.backends.kv_batch import KVBatch, as_array
+from llmpack.runtime.backends.ort_install import import_onnxruntime
 from llmpack.runtime.errors import ArtifactError, BackendError
 from llmpack.runtime.manifest import BuildManifest
 
@@ -59,8 +60,7 @@ def create_session(model_path: Path, threads: int | None = None, profile_prefix:
     pool, whose threads spin after a run and then steal the cores from the other session's run
     (measured, bench-110m, 8 streams: decode steps p90 69 ms with spinning, 46 ms without).
     """
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     options = ort.SessionOptions()
     if profile_prefix is not None:
         options.enable_profiling, options.profile_file_prefix = True, profile_prefix

@@ -3,7 +3,8 @@
 The same device KV cache as the TensorRT backend (device_kv.py): IO binding points every past input
 and present output at those device buffers, so the cache never leaves the GPU and a step's presents
 become the next step's pasts by swapping two buffers. ONNX Runtime runs on our CUDA stream, so its
-kernels and our copies are ordered without host synchronisation. Needs onnxruntime-gpu and cuda-python.
+kernels and our copies are ordered without host synchronisation. Needs onnxruntime-gpu (with cuDNN 9)
+and cuda-python.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from llmpack.runtime import manifest as names
 from llmpack.runtime.backends.cuda_device import GPU_EXTRA, CudaDevice
 from llmpack.runtime.backends.device_kv import Binding, DeviceKvBackend, Step, fit_slots
+from llmpack.runtime.backends.ort_install import import_onnxruntime, preload_cuda_libraries
 from llmpack.runtime.errors import ArtifactError
 from llmpack.runtime.manifest import BuildManifest
 
@@ -22,11 +24,11 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 RESERVE_BYTES = 1 << 30  # ONNX Runtime's arena grows with the activations of the longest prefill
 
 
-def create_cuda_session(model_path: Path, stream_handle: int):
-    import onnxruntime as ort
-
+def create_cuda_session(model_path: Path, stream_handle: int, ort=None):
+    ort = ort or import_onnxruntime()
     if CUDA_PROVIDER not in ort.get_available_providers():
         raise ArtifactError(f"this onnxruntime has no {CUDA_PROVIDER}: pip uninstall onnxruntime, then {GPU_EXTRA}")
+    preload_cuda_libraries(ort)  # cuDNN and CUDA from the gpu extra's wheels, before the provider looks for them
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
@@ -57,3 +59,6 @@ class OrtCudaBackend(DeviceKvBackend):
             bind = binding.bind_input if b.is_input else binding.bind_output
             bind(b.name, "cuda", 0, np.dtype(b.dtype).type, list(b.shape), b.address)
         self.session.run_with_iobinding(binding)
+
+    def _release(self) -> None:
+        self.session = None  # its arena and kernels use our stream: gone before the stream is destroyed

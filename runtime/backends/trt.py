@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from llmpack.runtime.backends.cuda_device import GPU_EXTRA, CudaDevice, GpuInfo, probe_gpu, tensorrt_version
+from llmpack.runtime.backends.cuda_device import (
+    GPU_EXTRA,
+    CudaDevice,
+    GpuInfo,
+    probe_gpu,
+    tensorrt_distribution,
+    tensorrt_version,
+)
 from llmpack.runtime.backends.device_kv import Binding, DeviceKvBackend, Step, fit_slots
 from llmpack.runtime.errors import ArtifactError, BackendError
 from llmpack.runtime.manifest import BuildManifest, EngineProfile, sha256_file
@@ -55,6 +62,15 @@ def engine_problem(manifest: BuildManifest, artifact: Path | str, tensorrt: str 
     return None
 
 
+def distribution_problem(manifest: BuildManifest, artifact: Path | str, installed: str) -> str | None:
+    """An engine from the cu12 wheel on a cu13 install (or back) has the same version string: the wheel differs."""
+    built = manifest.engine.tensorrt_distribution if manifest.engine else ""
+    if not built or not installed or built == installed:
+        return None  # older manifests do not record it
+    return (f"its TensorRT engine was built with {built} and this machine has {installed}; engines are not "
+            f"portable, rebuild it on this machine: `{rebuild_command(manifest, artifact)}`")
+
+
 def profile_for(profiles: tuple[EngineProfile, ...], batch: int, seq: int, past: int) -> int:
     """The optimization profile for a step: of those that cover it, the one tuned (opt) nearest its length."""
     covering = [i for i, p in enumerate(profiles) if p.covers(batch, seq, past)]
@@ -77,6 +93,26 @@ def io_problem(engine_io: dict[str, tuple[bool, str]], manifest: BuildManifest) 
     return "; ".join(wrong[:4]) or None
 
 
+def tensorrt_call(error, what: str, fix: str, call, *args):
+    """Run a TensorRT call that reports failure by returning False or, in its Python bindings, by raising
+    RuntimeError (set_input_shape, set_optimization_profile_async, set_shape): either way one line, `error`."""
+    try:
+        ok, why = call(*args), ""
+    except RuntimeError as exc:
+        ok, why = False, " ".join(str(exc).split())
+    if ok is False:  # None is success for the calls that return nothing (set_shape)
+        raise error(f"TensorRT refused {what}{f' ({why})' if why else ''}; {fix}")
+    return ok
+
+
+def output_shape_problem(bindings: list[Binding], engine_shape) -> str | None:
+    """Outputs whose shape TensorRT infers (engine_shape(name)) differ from the buffer device_kv bound: the
+    engine would write past that buffer without a word, so the first step of each profile compares them."""
+    wrong = [f"{b.name} is {tuple(engine_shape(b.name))}, its buffer {b.shape}"
+             for b in bindings if not b.is_input and tuple(engine_shape(b.name)) != tuple(b.shape)]
+    return "; ".join(wrong[:3]) or None
+
+
 def check_engine_file(artifact: Path, manifest: BuildManifest) -> Path:
     digest = manifest.engine.files[0]
     path = artifact / digest.path
@@ -92,7 +128,8 @@ class TrtBackend(DeviceKvBackend):
     name = "tensorrt"
 
     def __init__(self, artifact: Path, manifest: BuildManifest, max_batch: int = 1):
-        problem = engine_problem(manifest, artifact, tensorrt_version(), probe_gpu())
+        problem = engine_problem(manifest, artifact, tensorrt_version(), probe_gpu()) or \
+            distribution_problem(manifest, artifact, tensorrt_distribution())
         if problem:  # before TensorRT reads a byte: a foreign plan must not crash it
             raise ArtifactError(f"cannot run the TensorRT engine of {artifact}: {problem}")
         plan = check_engine_file(Path(artifact), manifest)
@@ -100,8 +137,10 @@ class TrtBackend(DeviceKvBackend):
 
         device = CudaDevice()
         self._trt, self._logger = trt, trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)  # outlives the engine it deserialized (released last)
         self.engine = self._deserialize(plan, manifest, artifact)
         self._contexts = self._create_contexts(device)
+        self._shapes_checked: set[int] = set()  # profiles whose output shapes were compared with the buffers
         self.max_step_tokens = max(p.seq[2] for p in manifest.engine.profiles)
         wanted = min(max_batch, manifest.engine.max_batch)
         if wanted < max_batch:
@@ -111,9 +150,8 @@ class TrtBackend(DeviceKvBackend):
 
     def _deserialize(self, plan: Path, manifest: BuildManifest, artifact: Path):
         trt = self._trt
-        runtime = trt.Runtime(self._logger)
         with open(plan, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            engine = runtime.deserialize_cuda_engine(data)  # mapped, not read: a 7B plan is 13 GiB
+            engine = self._runtime.deserialize_cuda_engine(data)  # mapped, not read: a 7B plan is 13 GiB
         if engine is None:
             raise ArtifactError(f"TensorRT could not load {plan} (see its log above); "
                                 f"rebuild it: `{rebuild_command(manifest, artifact)}`")
@@ -138,17 +176,39 @@ class TrtBackend(DeviceKvBackend):
             if context is None:
                 raise ArtifactError("TensorRT could not create an execution context (see its log above)")
             context.set_device_memory(scratch, size)
-            if not context.set_optimization_profile_async(index, device.stream_handle):
-                raise ArtifactError(f"TensorRT refused optimization profile {index} (see its log above)")
+            tensorrt_call(ArtifactError, f"optimization profile {index}", "rebuild the engine on this machine",
+                          context.set_optimization_profile_async, index, device.stream_handle)
             contexts.append(context)
         return contexts
 
     def _execute(self, step: Step, bindings: list[Binding]) -> None:
         profiles = self.manifest.engine.profiles
-        context = self._contexts[profile_for(profiles, len(step.batch.slots), step.seq, step.batch.width)]
+        index = profile_for(profiles, len(step.batch.slots), step.seq, step.batch.width)
+        context = self._contexts[index]
         for binding in bindings:
-            if binding.is_input and not context.set_input_shape(binding.name, binding.shape):
-                raise BackendError(f"TensorRT refused shape {binding.shape} for {binding.name}")
-            context.set_tensor_address(binding.name, binding.address)
-        if not context.execute_async_v3(self.device.stream_handle):
-            raise BackendError("TensorRT failed to run the step (see its log above)")
+            if binding.is_input:
+                tensorrt_call(BackendError, f"shape {binding.shape} for {binding.name}",
+                              f"the {profiles[index].name} profile does not take it; rebuild the engine",
+                              context.set_input_shape, binding.name, binding.shape)
+            tensorrt_call(BackendError, f"the address of {binding.name}", "see its log above",
+                          context.set_tensor_address, binding.name, binding.address)
+        if index not in self._shapes_checked:
+            self._check_output_shapes(context, bindings)
+            self._shapes_checked.add(index)
+        tensorrt_call(BackendError, "to run the step", "see its log above",
+                      context.execute_async_v3, self.device.stream_handle)
+
+    def _check_output_shapes(self, context, bindings: list[Binding]) -> None:
+        missing = tensorrt_call(BackendError, "to infer the output shapes", "see its log above",
+                                context.infer_shapes)  # names of tensors it still lacks; empty when all are known
+        problem = (f"inputs {', '.join(missing)} have no shape" if missing else
+                   output_shape_problem(bindings, context.get_tensor_shape))
+        if problem:
+            raise BackendError(f"the TensorRT engine's outputs do not fit the KV buffers ({problem}); "
+                               "rebuild the engine from this artifact")
+
+    def _release(self) -> None:
+        # Contexts before the engine before the runtime; all of them before the memory and stream they use.
+        self._contexts = []
+        self.engine = None
+        self._runtime = None
