@@ -235,3 +235,65 @@ def test_sampled_answers_with_speculation_are_valid_and_seeded(fused_stories):
         assert first == second and len(first) > 0
     finally:
         on.close()
+
+
+class MarkovBackend:
+    """Logits that depend on the last token only (a Markov chain mostly walking 0→1→…→5→0), with the
+    Speculation capability: the n-gram proposer guesses well, and every distribution is known."""
+
+    name, context_length, vocab_size, max_batch, can_score = "markov", 256, 6, 1, True
+
+    def __init__(self):
+        chain = np.full((6, 6), 0.06)
+        chain[np.arange(6), (np.arange(6) + 1) % 6] = 0.7  # i → i + 1 with probability 0.7
+        self.table = np.log(chain).astype(np.float32)
+        self.tokens: list[int] = []
+
+    def cached_tokens(self, slot):
+        return len(self.tokens)
+
+    def prefill(self, slot, ids):
+        self.tokens += list(ids)
+        return self.table[ids[-1]].copy()
+
+    def decode(self, slots, ids):
+        self.tokens += list(ids)
+        return self.table[list(ids)].copy()
+
+    def score(self, slot, ids):
+        self.tokens += list(ids)
+        return self.table[list(ids)].copy()
+
+    def truncate(self, slot, length):
+        assert 0 < length <= len(self.tokens)
+        del self.tokens[length:]
+
+    def reset(self, slot):
+        self.tokens = []
+
+
+def test_sampled_answers_follow_the_same_distribution_with_and_without_speculation():
+    """Many seeds over a cyclic prompt (proposals at nearly every step): the 4-token answers' counts with
+    speculation and without come from one distribution (chi-square homogeneity, fixed seeds: deterministic)."""
+    from llmpack.runtime.batch_scheduler import BatchScheduler
+    from llmpack.runtime.generate import TokenStream
+
+    counts: dict[bool, dict[tuple, int]] = {False: {}, True: {}}
+    for speculate in counts:
+        scheduler = BatchScheduler(MarkovBackend(), speculate=speculate)
+        try:
+            for seed in range(1, 1501):
+                tokens = TokenStream([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0])
+                scheduler.submit(tokens, 4, SamplingParams(temperature=1.0, top_k=4, seed=seed), stop_ids=[])
+                answer = tuple(tokens)
+                counts[speculate][answer] = counts[speculate].get(answer, 0) + 1
+            assert scheduler.proposed > 1500 if speculate else scheduler.speculation is None
+        finally:
+            scheduler.close()
+    outcomes = sorted(set(counts[False]) | set(counts[True]))
+    table = np.array([[counts[m].get(o, 0) for o in outcomes] for m in counts], dtype=np.float64)
+    table = table[:, table.sum(axis=0) >= 10]  # the rare outcomes' cells left out of the test
+    expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0, keepdims=True) / table.sum()
+    statistic, freedom = float(((table - expected) ** 2 / expected).sum()), table.shape[1] - 1
+    # chi-square 0.999 quantile ≈ freedom + 3.09·sqrt(2·freedom) + 5 (Wilson–Hilferty, rounded up)
+    assert freedom >= 5 and statistic < freedom + 3.09 * (2 * freedom) ** 0.5 + 5, (statistic, freedom)
