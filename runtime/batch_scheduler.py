@@ -90,7 +90,12 @@ class PrefillPacer:
         self.decode_seconds[rows] = self._smooth(self.decode_seconds.get(rows), seconds)
 
     def _smooth(self, average: float | None, value: float) -> float:
-        return value if average is None else average + self.SMOOTHING * (value - average)
+        return smoothed(average, value, self.SMOOTHING)
+
+
+def smoothed(average: float | None, value: float, smoothing: float = PrefillPacer.SMOOTHING) -> float:
+    """A running average of step times: the first value, then each new one pulls it by `smoothing`."""
+    return value if average is None else average + smoothing * (value - average)
 
 
 class BatchScheduler:
@@ -111,6 +116,7 @@ class BatchScheduler:
             log.warning("speculation off: the %s backend (or this artifact's graph) cannot check several tokens "
                         "in one step; rebuild an ort-fused artifact to use it", backend.name)
         self.proposed = self.accepted = 0  # speculated tokens checked and kept, since the start (metrics)
+        self._score_seconds: dict[int, float] = {}  # a step checking k tokens, by k (running averages)
         self._waiting: deque[SequenceState] = deque()
         self._active: list[SequenceState] = []
         self._free_slots = list(range(backend.max_batch))
@@ -241,12 +247,17 @@ class BatchScheduler:
     def _speculated_step(self, state: SequenceState) -> bool:
         """Check the sequence's proposal in one step (the pending token + k proposed, every position's
         logits), keep what is accepted and drop the rest from the cache; False: no proposal, decode."""
-        proposal = state.proposal()
+        if 1 not in self.pacer.decode_seconds:
+            return False  # a plain step first: what a check costs is judged against it
+        proposal = state.proposal(self._relative_score_cost)
         if not proposal:
             return False
         cached = self.backend.cached_tokens(state.slot)
+        started = time.perf_counter()
         try:
             rows = self.speculation.score(state.slot, [state.pending, *proposal])
+            self._score_seconds[len(proposal)] = smoothed(self._score_seconds.get(len(proposal)),
+                                                          time.perf_counter() - started)
             accepted = state.advance_speculated(rows, proposal)
             self.speculation.truncate(state.slot, cached + 1 + accepted)
         except Exception as exc:  # noqa: BLE001 - any backend failure ends only this sequence
@@ -256,6 +267,11 @@ class BatchScheduler:
         self.proposed, self.accepted = self.proposed + len(proposal), self.accepted + accepted
         self._observe(1)
         return True
+
+    def _relative_score_cost(self, k: int) -> float | None:
+        """A step checking k speculated tokens over a batch-1 decode step, as measured here (None: not yet)."""
+        decode, score = self.pacer.decode_seconds.get(1), self._score_seconds.get(k)
+        return None if decode is None or score is None else score / decode
 
     def _mixed_step(self, reading: SequenceState, ready: list[SequenceState]) -> None:
         chunk = self._next_chunk(reading, decoding=len(ready))

@@ -27,7 +27,7 @@ from llmpack.runtime.sampling import (
     sample_from_scores,
     token_logprobs,
 )
-from llmpack.runtime.speculation import NgramProposer, ProposalLength, accept_token
+from llmpack.runtime.speculation import NgramProposer, ProposalLength, accept_token, best_k
 from llmpack.runtime.tokenizer import Tokenizer
 
 FINISH_STOP = "stop"  # the model produced a stop id
@@ -138,11 +138,13 @@ class SequenceState:
     def speculate(self) -> None:
         self.proposer, self.proposal_length = NgramProposer().extend(self.prompt_ids), ProposalLength()
 
-    def proposal(self) -> list[int]:
-        """Tokens worth checking in the next step ([]: decode as usual); never past the budget."""
+    def proposal(self, relative_cost: Callable[[int], float | None]) -> list[int]:
+        """Tokens worth checking in the next step ([]: decode as usual); never past the budget, and only as
+        many as pay for the wider step at this sequence's acceptance rate (speculation.best_k)."""
         if self.proposer is None:
             return []
         k = min(self.proposal_length.next_k(), self.budget - self.generated - 1)
+        k = best_k(self.proposal_length.rate, k, relative_cost) if k > 0 else 0
         return self.proposer.propose(k) if k > 0 else []
 
     def advance(self, logits: np.ndarray) -> None:

@@ -3,21 +3,24 @@
 A decode step at batch 1 is bound by reading the weights, so checking k proposed tokens in one pass costs
 little more than generating one. Proposals come from the sequence itself (prompt-lookup / n-gram decoding:
 the tokens that followed the most recent earlier occurrence of its last n tokens), so no draft model ships.
-Acceptance keeps the target's distribution exactly: the proposal is a point mass q = δ(x), so speculative
-sampling accepts x with probability min(1, p(x)/q(x)) = p(x) and, on a rejection, draws from p with x
-removed and renormalized — P(x) = p(x), P(y) = (1 − p(x)) · p(y) / (1 − p(x)) = p(y). Greedy accepts x
-exactly when it is the argmax. `p` is the distribution `sample_from_scores` draws from (penalties, logit
-bias, temperature, top-k, top-p), computed by the caller with the accepted tokens in the history.
+Acceptance keeps the target's distribution exactly, and more: each checked position draws its token the
+way plain decoding would (the same processed distribution, penalties and logit bias with the accepted
+tokens in the history, then temperature, top-k, top-p and ONE uniform from the sequence's generator) and
+accepts the proposal when the draw equals it. With a point-mass proposal this accepts x with probability
+p(x), as speculative sampling's min(1, p/q) rule does, but it also consumes the generator exactly as
+decoding without speculation does, so a seeded answer does not depend on whether (or how much) the
+engine speculated — which its cost model decides from measured step times. Greedy is the same rule.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from llmpack.runtime.sampling import SamplingParams, candidate_weights, draw_index
+from llmpack.runtime.sampling import SamplingParams, sample_from_scores
 
 
 class Proposer(Protocol):
@@ -68,40 +71,50 @@ class NgramProposer:
 
 def accept_token(scores: np.ndarray, params: SamplingParams, proposed: int,
                  rng: np.random.Generator) -> tuple[bool, int]:
-    """(accepted, the token that goes out): `proposed` when accepted, else a draw from p without it.
+    """(accepted, the token that goes out): the position's token is drawn exactly as plain decoding draws it
+    (sample_from_scores: one uniform from the sequence's own generator), and the proposal is accepted when
+    the draw equals it. So a seeded answer is the same token for token with speculation on or off.
 
     scores: the processed scores at this position (sampling.processed_scores with the history so far).
     """
-    if params.greedy:
-        best = int(np.argmax(scores))
-        return best == proposed, best
-    ids, weights = candidate_weights(scores, params)
-    weights = weights.astype(np.float64)
-    index = proposed if ids is None else _position(ids, proposed)
-    mass = float(weights[index]) / float(weights.sum()) if index is not None else 0.0
-    if rng.random() < mass:
-        return True, proposed
-    if index is not None:
-        weights[index] = 0.0
-    choice = draw_index(weights, rng.random())
-    return False, choice if ids is None else int(ids[choice])
+    token = sample_from_scores(scores, params, rng)
+    return token == proposed, token
 
 
-def _position(ids: np.ndarray, token: int) -> int | None:
-    where = np.flatnonzero(ids == token)
-    return int(where[0]) if where.size else None
+def expected_tokens(rate: float, k: int) -> float:
+    """Tokens a step checking k proposals yields when each is accepted with probability `rate`, in order:
+    1 + rate + … + rate^k (the token after the last accepted one always comes out)."""
+    return sum(rate ** i for i in range(k + 1))
+
+
+def best_k(rate: float, k_max: int, relative_cost: Callable[[int], float | None]) -> int:
+    """The k whose tokens per unit of step time beat plain decoding (k = 0) the most; 0 when none does.
+
+    relative_cost(k): a step checking k tokens over a decode step, as measured (None: not yet, taken as
+    1 so that it gets tried). Where a wider step costs much more (int4 on 2 cores: MatMulNBits leaves its
+    one-row kernel), speculation stops paying and is not used.
+    """
+    best, best_value = 0, 1.0
+    for k in range(1, k_max + 1):
+        cost = relative_cost(k)
+        value = expected_tokens(rate, k) / (1.0 if cost is None else cost)
+        if value > best_value * 1.02:  # a margin: timing noise should not flip a sequence into speculating
+            best, best_value = k, value
+    return best
 
 
 @dataclass
 class ProposalLength:
     """k per sequence, following its recent acceptance: up by one after a fully accepted proposal, halved
     after a mostly rejected one; after `patience` proposals in a row that gained nothing, proposing pauses
-    for `pause` steps (a text that never repeats itself stops paying for the wider step)."""
+    for `pause` steps (a text that never repeats itself stops paying for the wider step). `rate` is the
+    running share of proposed tokens accepted, which best_k weighs against the step's cost."""
 
     k_max: int = 4
     patience: int = 3
     pause: int = 16
     k: int = 2
+    rate: float = 0.6
     _misses: int = 0
     _paused: int = 0
 
@@ -114,6 +127,7 @@ class ProposalLength:
     def update(self, proposed: int, accepted: int) -> None:
         if proposed == 0:
             return
+        self.rate += 0.3 * (accepted / proposed - self.rate)
         self._misses = self._misses + 1 if accepted == 0 else 0
         if accepted == proposed:
             self.k = min(self.k + 1, self.k_max)
