@@ -9,7 +9,9 @@ Each format holds its own rules for messages, so a Llama-3 artifact is not held 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
@@ -23,6 +25,7 @@ from llmpack.runtime import template
 from llmpack.runtime.artifact import Artifact
 from llmpack.runtime.errors import ArtifactError, InvalidRequest
 from llmpack.runtime.hf_tokenizer import HfTokenizer
+from llmpack.runtime.request import GenerationRequest
 from llmpack.runtime.template import ROLES, Message, as_message
 from llmpack.runtime.tokenizer import TextTokenizer, Tokenizer
 
@@ -35,6 +38,9 @@ class ChatFormat(Protocol):
 
     def chat_ids(self, checked: tuple[Message, ...]) -> list[int]:
         """Prompt ids for messages `check` passed; no default system prompt is added."""
+
+    def check_prompt(self, prompt: str, raw: bool) -> None:
+        """InvalidRequest if this format cannot take the `prompt` request (prompt_ids checks it too)."""
 
     def prompt_ids(self, prompt: str, raw: bool, system_prompt: str | None) -> list[int]:
         """Prompt ids for a `prompt` request: raw text, or one user turn after `system_prompt` (if any)."""
@@ -51,6 +57,10 @@ class Llama2Chat:
 
     def chat_ids(self, checked: tuple[Message, ...]) -> list[int]:
         return template.checked_chat_ids(self.tokenizer, checked)
+
+    def check_prompt(self, prompt: str, raw: bool) -> None:
+        if not raw:
+            template.check_no_tags(prompt, "prompt")
 
     def prompt_ids(self, prompt: str, raw: bool, system_prompt: str | None) -> list[int]:
         return template.prompt_ids(self.tokenizer, prompt, raw, system_prompt)
@@ -69,9 +79,12 @@ class NoChat:
         self.check(checked)
         return []
 
-    def prompt_ids(self, prompt: str, raw: bool, system_prompt: str | None) -> list[int]:
+    def check_prompt(self, prompt: str, raw: bool) -> None:
         if not raw:
             raise InvalidRequest(f"raw: this model has no chat template (a base model); {RAW_HINT}")
+
+    def prompt_ids(self, prompt: str, raw: bool, system_prompt: str | None) -> list[int]:
+        self.check_prompt(prompt, raw)
         return self.tokenizer.raw_prompt_ids(prompt)
 
 
@@ -81,6 +94,9 @@ class JinjaChat:
     def __init__(self, tokenizer: HfTokenizer, source: str, special_tokens: Mapping[str, object]):
         self.tokenizer = tokenizer
         self.special_tokens = dict(special_tokens)
+        # One pass over the text names the first special token in it (longest first, as HF matches them).
+        texts = tokenizer.special_texts
+        self._special_re = re.compile("|".join(map(re.escape, texts))) if texts else None
         try:
             self._template = _environment().from_string(source)
         except jinja2.TemplateError as exc:
@@ -101,10 +117,14 @@ class JinjaChat:
     def chat_ids(self, checked: tuple[Message, ...]) -> list[int]:
         return self.tokenizer.encode(self.render(checked))
 
+    def check_prompt(self, prompt: str, raw: bool) -> None:
+        if not raw:
+            self._check_no_special_text(prompt, "prompt")
+
     def prompt_ids(self, prompt: str, raw: bool, system_prompt: str | None) -> list[int]:
         if raw:
             return self.tokenizer.raw_prompt_ids(prompt)
-        self._check_no_special_text(prompt, "prompt")
+        self.check_prompt(prompt, raw)
         system = (Message("system", system_prompt),) if system_prompt else ()
         return self.chat_ids((*system, Message("user", prompt)))
 
@@ -124,12 +144,20 @@ class JinjaChat:
         # it into the token itself, so a user could forge a turn; its sanitize_control_tokens=True
         # (_mark_chat_inputs) instead encodes the text as plain text. Neither is visible to the client: we
         # refuse it, as the Llama-2 path refuses its turn tags, so ids never differ silently from HF's.
-        for token in self.tokenizer.special_texts:
-            if token in text:
-                raise InvalidRequest(
-                    f"{where}: contains {token!r}, a special token of this model's tokenizer, which would inject "
-                    "into the chat template's turn structure; remove it, or send the whole text as a prompt with "
-                    "raw=true (raw prompts are passed to the model unchanged)")
+        found = self._special_re.search(text) if self._special_re is not None else None
+        if found:
+            raise InvalidRequest(
+                f"{where}: contains {found.group()!r}, a special token of this model's tokenizer, which would inject "
+                "into the chat template's turn structure; remove it, or send the whole text as a prompt with "
+                "raw=true (raw prompts are passed to the model unchanged)")
+
+
+def check_request(chat: ChatFormat, request: GenerationRequest) -> GenerationRequest:
+    """The request if `chat` can take it, its messages checked; for callers that refuse before loading a model."""
+    if request.messages is not None:
+        return dataclasses.replace(request, messages=chat.check(request.messages))
+    chat.check_prompt(request.prompt, request.raw)
+    return request
 
 
 def load_tokenizer(artifact: Artifact) -> TextTokenizer:
