@@ -76,7 +76,7 @@ class NoChat:
         raise InvalidRequest(f"messages: this model has no chat template (a base model); {RAW_HINT}")
 
     def chat_ids(self, checked: tuple[Message, ...]) -> list[int]:
-        self.check(checked)
+        self.check(checked)  # always refuses: there is no template to build the turns with
         return []
 
     def check_prompt(self, prompt: str, raw: bool) -> None:

@@ -35,7 +35,7 @@ class HfTokenizer:
         # Every added token's text: typed into a message it would be parsed as that token (turn forging).
         self.special_texts: tuple[str, ...] = tuple(sorted({t.content for t in added.values()}, key=len, reverse=True))
         decoder = str(tokenizer.decoder)
-        self._byte_level = decoder.startswith("ByteLevel") or "ByteLevel(" in decoder
+        self._byte_level = "ByteLevel" in decoder  # pieces spelled in GPT-2's byte alphabet
         # ByteFallback decodes a run of <0xNN> pieces only when the run ends (all U+FFFD if it is not UTF-8).
         self._byte_fallback = "ByteFallback" in decoder
         self._byte_pieces = frozenset(

@@ -74,7 +74,8 @@ def test_ids_equal_transformers_for_tricky_text(family, text):
 def test_special_token_ids_and_vocabulary(family):
     name, ours, hf, _ = family
     assert ours.vocab_size == len(hf)
-    assert ours.bos_id == (hf.bos_token_id if name != "qwen2" else None) and ours.eos_id == hf.eos_token_id
+    assert (ours.bos_id, ours.eos_id) == (hf.bos_token_id, hf.eos_token_id)
+    assert (ours.bos_id is None) == (name == "qwen2")  # Qwen2 has no BOS; its raw prompt starts with the text
     assert set(hf.all_special_tokens) <= set(ours.special_texts)
 
 
