@@ -76,3 +76,29 @@ def test_llama2_turn_rules_do_not_apply_but_special_token_text_is_refused(llama3
     assert refused.status_code == 400 and "'<|eot_id|>', a special token" in refused.text, refused.text
     chat = client.post("/v1/chat/completions", json={"model": WORKERS_MODEL, "messages": forged, "max_tokens": 2})
     assert chat.status_code == 400 and "<|eot_id|>" in chat.text, chat.text
+
+
+def test_a_base_model_without_a_template_is_ready_and_takes_raw_prompts_only(tmp_path):
+    import json
+
+    import httpx
+    from transformers import AutoTokenizer
+
+    from llmpack.export.build import BuildOptions, build
+
+    folder = make_checkpoint("llama3", tmp_path / "checkpoint")
+    (folder / "chat_template.jinja").unlink(missing_ok=True)  # a base checkpoint: no template anywhere
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert build(BuildOptions(model=str(folder), out=tmp_path / "a", max_context=128)).manifest.chat_template == "none"
+    server = ServerProcess(tmp_path / "a", tmp_path / "serve.log", env={"LLMPACK_API_KEY": SERVER_API_KEY})
+    try:  # ServerProcess waits for /ready: the warm-up went through without a template
+        with httpx.Client(base_url=server.base, headers=AUTH, timeout=60) as client:
+            raw = client.post("/tokenize", json={"prompt": "Once upon", "raw": True}).json()["tokens"]
+            assert raw == AutoTokenizer.from_pretrained(str(folder))("Once upon")["input_ids"]
+            for body in ({"prompt": "Once upon"}, {"messages": [{"role": "user", "content": "Hi"}]}):
+                refused = client.post(RUN, json={**body, **GREEDY})
+                assert refused.status_code == 400 and "no chat template" in refused.text, refused.text
+    finally:
+        assert server.stop() == 0, server.log()
