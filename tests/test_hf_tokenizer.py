@@ -98,10 +98,9 @@ def test_streamed_random_ids_concatenate_to_decode(family):
         assert "".join(streamed(ours, ids)) == ours.decode(ids), ids
 
 
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)  # the one with <0xNN> byte pieces
 def test_byte_fallback_runs_are_held_until_they_end(family):
-    name, ours, _, _ = family
-    if name != "mistral":
-        pytest.skip("only Mistral's sentencepiece-converted tokenizer has <0xNN> byte pieces")
+    _, ours, _, _ = family
     euro = [ours._tok.token_to_id(f"<0x{b:02X}>") for b in "€".encode()]
     a, eos, b = ours._tok.token_to_id("▁A"), ours.eos_id, ours._tok.token_to_id("▁B")
     # € then a lone lead byte: HF decodes the whole run as one U+FFFD per byte, so "€" must not go out early.
@@ -144,12 +143,11 @@ def test_a_prompt_is_one_user_turn_after_the_system_prompt(family):
     assert chat.prompt_ids("<|im_start|>raw 🙂", True, system) == hf("<|im_start|>raw 🙂")["input_ids"]
 
 
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)  # the template that calls raise_exception
 def test_raise_exception_in_the_template_is_a_400_with_its_message(family):
     import jinja2
 
-    name, _, hf, _ = family
-    if name != "mistral":
-        pytest.skip("the Mistral template is the one that calls raise_exception")
+    _, _, hf, _ = family
     messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     with pytest.raises(jinja2.TemplateError) as theirs:
         hf.apply_chat_template(messages, add_generation_prompt=True)
