@@ -76,7 +76,7 @@ def pair_worker(args) -> None:
     port = free_port()
     app = create_app(engine, ServerSettings())
     threading.Thread(target=serve, args=(app, "127.0.0.1", port, engine.model_name, 1.0, False), daemon=True).start()
-    ids = [engine.tokenizer.bos_id, *engine.tokenizer.encode(args.prompt)]
+    ids = engine.tokenizer.raw_prompt_ids(args.prompt)
     greedy = SamplingParams(temperature=0)
 
     def send(new_tokens: int) -> dict:

@@ -98,12 +98,26 @@ def request_options(f):
     return f
 
 
-def cli_request(request: str | None):
-    """REQUEST with the convenience flags applied, validated exactly as the server validates a body."""
+def cli_request(request: str | None, artifact: Path):
+    """REQUEST with the convenience flags applied, validated exactly as the server validates a body.
+
+    The artifact's chat format checks it too, before any model loads: a bad request fails at once, quietly.
+    """
+    from llmpack.runtime.artifact import Artifact
+    from llmpack.runtime.chat_format import check_request, load_chat_format, load_tokenizer
+    from llmpack.runtime.errors import ArtifactError
+    from llmpack.runtime.manifest import read_manifest
     from llmpack.runtime.serve.protocol import parse_request
 
     overrides = click.get_current_context().meta.get(REQUEST_KEY, {})
-    return parse_request(read_request(request, overrides))
+    parsed = parse_request(read_request(request, overrides))
+    try:  # only the manifest and the tokenizer: the engine checks every file when it loads
+        folder = Path(artifact).expanduser().resolve()
+        opened = Artifact(folder, read_manifest(folder))
+        chat = load_chat_format(opened, load_tokenizer(opened))
+    except ArtifactError:
+        return parsed  # a damaged artifact: loading the engine names what is wrong with it
+    return check_request(chat, parsed)
 
 
 def load_engine(artifact: Path, max_batch: int = 1):
@@ -138,7 +152,7 @@ def infer(artifact, request):
     """Answer one REQUEST (JSON, @file or -) and print the response exactly as the server sends it."""
     from llmpack.runtime.serve.protocol import SSE_DONE, completion_json, sse_event, sse_usage_event
 
-    parsed = cli_request(request)
+    parsed = cli_request(request, artifact)
     engine = load_engine(artifact)
     text_stream = engine.stream_request(parsed)
     out = sys.stdout.buffer
@@ -156,7 +170,8 @@ def infer(artifact, request):
 @request_command
 def tokenize(artifact, request):
     """Print the exact ids the model would be fed for REQUEST: {"tokens": [...], "count": N}."""
-    ids = load_engine(artifact).request_ids(cli_request(request))
+    parsed = cli_request(request, artifact)
+    ids = load_engine(artifact).request_ids(parsed)
     click.echo(json.dumps({"tokens": ids, "count": len(ids)}))
 
 

@@ -20,8 +20,9 @@ from llmpack.runtime.manifest import DEFAULT_PREFILL_CHUNK
 from llmpack.runtime.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 from llmpack.runtime.request import GenerationRequest, check_prompt_length
 from llmpack.runtime.sampling import SamplingParams
-from llmpack.runtime.template import DEFAULT_SYSTEM_PROMPT, checked_chat_ids, prompt_ids
-from llmpack.runtime.tokenizer import Tokenizer
+from llmpack.runtime.chat_format import ChatFormat, load_chat_format, load_tokenizer
+from llmpack.runtime.template import DEFAULT_SYSTEM_PROMPT
+from llmpack.runtime.tokenizer import TextTokenizer
 
 log = logging.getLogger("llmpack.runtime")
 
@@ -55,11 +56,13 @@ class EngineOptions:
 
 
 class Engine:
-    def __init__(self, artifact: Artifact, backend: Backend, tokenizer: Tokenizer, system_prompt: str | None,
-                 options: EngineOptions = EngineOptions()):
+    def __init__(self, artifact: Artifact, backend: Backend, tokenizer: TextTokenizer, system_prompt: str | None,
+                 options: EngineOptions = EngineOptions(), chat_format: ChatFormat | None = None):
         self.artifact = artifact
         self.backend = backend
         self.tokenizer = tokenizer
+        # the manifest's: Llama-2-chat, the checkpoint's Jinja template, or none (raw prompts only)
+        self.chat_format = chat_format or load_chat_format(artifact, tokenizer)
         self.system_prompt = system_prompt or None
         self.stop_ids = artifact.manifest.stop_token_ids
         prefix_cache_mb = options.prefix_cache_mb
@@ -79,7 +82,7 @@ class Engine:
     @classmethod
     def load(cls, path: Path | str, options: EngineOptions = EngineOptions()) -> Engine:
         artifact = open_artifact(path, verify_checksums=options.verify_checksums)
-        tokenizer = Tokenizer.from_file(artifact.tokenizer_path)
+        tokenizer = load_tokenizer(artifact)
         backend = open_backend(artifact, options.backend, options.threads, options.max_batch,
                                mixed_steps=options.mixed_steps, huge_pages=options.huge_pages)
         system = options.system_prompt
@@ -107,11 +110,13 @@ class Engine:
 
         Computed once per request, where it is read; the ids then travel with it to `submit`.
         """
-        # A GenerationRequest was checked when it was parsed (roles, turn tags): not checked again here.
+        # The wire parser checked the request's shape; the rules of turns (roles, turn tags, special-token
+        # text) belong to the model's chat format, so they are checked here, once.
+        chat = self.chat_format
         if request.messages is not None:
-            ids = checked_chat_ids(self.tokenizer, request.messages)
+            ids = chat.chat_ids(chat.check(request.messages))
         else:
-            ids = prompt_ids(self.tokenizer, request.prompt, request.raw, self.system_prompt, checked=True)
+            ids = chat.prompt_ids(request.prompt, request.raw, self.system_prompt)
         check_prompt_length(len(ids), self.input_limit)
         return ids
 

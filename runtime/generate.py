@@ -3,7 +3,7 @@
 `SequenceState` decides each sequence's next token from its logits (sampling, stop ids, budget);
 the batch scheduler drives many of them at once and hands each new token to its sequence's
 `TokenSink`: a blocking `TokenStream` for the CLI and benchmarks (under `TextStream`), or the serve
-wing's loop sink (serve/admission.py), whose request detokenizes with the same StreamingDetokenizer.
+wing's loop sink (serve/admission.py), whose request detokenizes with the same tokenizer stream decoder.
 So streamed and non-streamed answers, CLI and server, are the same text by construction.
 """
 
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmpack.runtime.detokenizer import StreamingDetokenizer
 from llmpack.runtime.request import Usage
 from llmpack.runtime.sampling import (
     SamplingParams,
@@ -28,7 +27,7 @@ from llmpack.runtime.sampling import (
     token_logprobs,
 )
 from llmpack.runtime.speculation import NgramProposer, ProposalLength, accept_token, best_k
-from llmpack.runtime.tokenizer import Tokenizer
+from llmpack.runtime.tokenizer import TextTokenizer
 
 FINISH_STOP = "stop"  # the model produced a stop id
 FINISH_LENGTH = "length"  # max_tokens reached, or the context is full
@@ -196,12 +195,12 @@ class SequenceState:
 class TextStream:
     """Iterates the response text in pieces as tokens arrive; never splits a UTF-8 character."""
 
-    def __init__(self, tokens: TokenStream, tokenizer: Tokenizer):
+    def __init__(self, tokens: TokenStream, tokenizer: TextTokenizer):
         self.tokens = tokens
         self.tokenizer = tokenizer
 
     def __iter__(self) -> Iterator[str]:
-        detokenizer = StreamingDetokenizer(self.tokenizer)
+        detokenizer = self.tokenizer.stream_decoder()
         token_iter = iter(self.tokens)
         try:
             for token in token_iter:

@@ -15,7 +15,7 @@ from llmpack.runtime.template import Message
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A request already checked against its schema: `messages` hold checked roles (template.check_messages)."""
+    """A request already checked against its schema; the rules of turns are the engine's chat format's to check."""
 
     prompt: str | None
     messages: tuple[Message, ...] | None

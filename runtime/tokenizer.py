@@ -7,12 +7,40 @@ as ids, so "<s>" typed by a user stays text), `decode` is sentencepiece's own de
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import sentencepiece as spm
 
 from llmpack.runtime.errors import ArtifactError
 
 SPACE_SYMBOL = "\u2581"  # "▁", sentencepiece's visible stand-in for a space
+
+
+class StreamDecoder(Protocol):
+    """Generated ids -> text in pieces: everything add and flush return, concatenated, is decode(all ids)."""
+
+    def add(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class TextTokenizer(Protocol):
+    """What the engine, the chat formats and the serve wing use of a tokenizer, whichever library reads it:
+    this file's sentencepiece Tokenizer (Llama-2) or hf_tokenizer.HfTokenizer (tokenizer.json)."""
+
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def raw_prompt_ids(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def piece_bytes(self, token_id: int) -> bytes: ...
+
+    def stream_decoder(self) -> StreamDecoder: ...
 
 
 class Tokenizer:
@@ -51,8 +79,18 @@ class Tokenizer:
         """Ids of `text` without BOS/EOS; special-token spellings in the text stay plain text."""
         return list(self._sp.encode(text))
 
+    def raw_prompt_ids(self, text: str) -> list[int]:
+        """A raw prompt: BOS then the text, as Meta's reference code builds it."""
+        return [self.bos_id, *self.encode(text)]
+
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(list(ids))
+
+    def stream_decoder(self) -> StreamDecoder:
+        # Imported here: the detokenizer module imports this one for its piece facts.
+        from llmpack.runtime.detokenizer import StreamingDetokenizer
+
+        return StreamingDetokenizer(self)
 
     # --- per-piece facts ----------------------------------------------------------------------
 

@@ -64,12 +64,22 @@ SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              num_key_value_heads=2, max_position_embeddings=512)
 
 
-def byte_level_tokenizer(special: list[str], bos: str | None, vocab_size: int = 400):
+# Qwen2's published tokenizer.json splits with this regex after NFC; transformers 5's Qwen2Tokenizer rebuilds exactly
+# that pipeline around the file's vocabulary (ignoring the file's own), so the test tokenizer must have it too.
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def byte_level_tokenizer(special: list[str], bos: str | None, vocab_size: int = 400, qwen2: bool = False):
     """A byte-level BPE (Llama-3 / Qwen2 kind) trained on CORPUS; `bos` is added by its post-processor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if qwen2:
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -128,7 +138,7 @@ def qwen2_checkpoint(folder: Path) -> Path:
     """Qwen2: q/k/v biases, ChatML, no BOS, tied embeddings."""
     from transformers import Qwen2Config
 
-    tokenizer = byte_level_tokenizer(QWEN2_SPECIAL, None)
+    tokenizer = byte_level_tokenizer(QWEN2_SPECIAL, None, qwen2=True)
     save_fast_tokenizer(tokenizer, folder, QWEN2_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     ids = {token: tokenizer.token_to_id(token) for token in QWEN2_SPECIAL}
     config = Qwen2Config(**SIZES, vocab_size=tokenizer.get_vocab_size() + 3, tie_word_embeddings=True,

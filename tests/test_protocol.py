@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from llmpack.runtime.chat_format import Llama2Chat
 from llmpack.runtime.errors import InputTooLong, InvalidRequest
 from llmpack.runtime.request import check_prompt_length
 from llmpack.runtime.sampling import SamplingParams
@@ -155,8 +156,23 @@ def test_sampling_ranges(field, value):
         ({"messages": [{"role": "user", "content": "x"}], "raw": True}, "raw: applies to 'prompt' only"),
     ],
 )
-def test_template_rules_are_checked_at_parse_time(body, fragment):
-    assert fragment in error_of(body)
+def test_turn_rules_are_the_llama2_chat_formats_with_their_wording(body, fragment):
+    # The wire parser checks shape; the Llama-2 artifact's chat format (what its engine holds) the turns.
+    with pytest.raises(InvalidRequest) as info:
+        parsed = parse_request(body)
+        chat = Llama2Chat(tokenizer=None)  # every rule here fires before anything is tokenized
+        if parsed.messages is not None:
+            chat.check(parsed.messages)
+        else:
+            chat.prompt_ids(parsed.prompt, parsed.raw, None)
+    assert fragment in str(info.value)
+
+
+def test_the_wire_parser_holds_no_model_to_llama2s_turn_rules():
+    parsed = parse_request({"messages": [*chat("user", "user"), {"role": "user", "content": "[INST]"}]})
+    assert [m.role for m in parsed.messages] == ["user", "user", "user"]
+    assert parse_request({"prompt": "<<SYS>> x"}).prompt == "<<SYS>> x"
+    assert "messages[0]: must be an object" in error_of({"messages": ["text"]})
 
 
 def test_unknown_fields_are_ignored_like_the_schema_allows():

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from serving import free_port, metric, parse_sse
 
+from llmpack.runtime.chat_format import Llama2Chat
 from llmpack.runtime.engine import Engine, EngineOptions
 from llmpack.runtime.errors import CapacityExceeded, LlmpackError
 from llmpack.runtime.generate import FINISH_CANCELLED
@@ -83,7 +84,7 @@ def scripted_engine(tokenizer, max_batch: int = 1) -> Engine:
     answer = answer_ids(tokenizer)
     backend = ScriptedBackend(tokenizer.vocab_size, answer, max_batch)
     artifact = SimpleNamespace(manifest=SimpleNamespace(stop_token_ids=(tokenizer.eos_id,), name="scripted"))
-    return Engine(artifact, backend, tokenizer, None, EngineOptions(prefix_cache_mb=0))
+    return Engine(artifact, backend, tokenizer, None, EngineOptions(prefix_cache_mb=0), Llama2Chat(tokenizer))
 
 
 GREEDY3 = parse_request({"prompt": "x", "raw": True, "max_tokens": 3, "temperature": 0})

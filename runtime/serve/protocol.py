@@ -1,7 +1,8 @@
 """The wire: request JSON -> GenerationRequest at the start of the pipeline, text + usage -> JSON / SSE at its end.
 
 The input rules are the published Workers AI schema of @cf/meta/llama-2-7b-chat-fp16 (loaded from
-the packaged copy, checked with jsonschema) plus the service's sampling fields. Every error names
+the packaged copy, checked with jsonschema) plus the service's sampling fields; it knows no model: the rules of
+turns (role order, turn tags) are the engine's chat format's (runtime/chat_format.py). Every error names
 the field and the rule, because jsonschema's own oneOf message names neither.
 """
 
@@ -18,7 +19,7 @@ import jsonschema
 from llmpack.runtime.errors import InvalidRequest
 from llmpack.runtime.request import GenerationRequest, Usage
 from llmpack.runtime.sampling import SamplingParams
-from llmpack.runtime.template import check_messages, check_no_tags
+from llmpack.runtime.template import as_message
 
 SPEC_FILE = "spec_llama-2-7b-chat-fp16.json"
 SPEC: dict = json.loads(resources.files("llmpack.runtime.serve").joinpath(SPEC_FILE).read_text(encoding="utf-8"))
@@ -126,9 +127,8 @@ def parse_request(body: object) -> GenerationRequest:
         raise InvalidRequest(f"raw: must be a boolean, got {_show(raw)}")
     if has_messages and raw:
         raise InvalidRequest("raw: applies to 'prompt' only; send the raw text as 'prompt' with raw=true")
-    messages = check_messages(body["messages"]) if has_messages else None
-    if has_prompt and not raw:
-        check_no_tags(body["prompt"], "prompt")
+    # Shape only: the rules of turns (role order, turn tags) are the model's chat format's, checked by the engine.
+    messages = tuple(as_message(m, i) for i, m in enumerate(body["messages"])) if has_messages else None
     return GenerationRequest(
         prompt=body.get("prompt"),
         messages=messages,

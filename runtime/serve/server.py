@@ -19,6 +19,7 @@ from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Scope
 
+from llmpack.runtime.chat_format import NoChat
 from llmpack.runtime.errors import LlmpackError
 from llmpack.runtime.request import GenerationRequest
 from llmpack.runtime.serve import openai_api, token_routes
@@ -139,7 +140,9 @@ class ServerState:
 
     async def warm_up(self) -> None:
         try:
-            parsed = parse_request(WARMUP_BODY)
+            # A base model without a chat template takes raw prompts only: warm it up with one.
+            raw = isinstance(self.engine.chat_format, NoChat)
+            parsed = parse_request({**WARMUP_BODY, "raw": True} if raw else WARMUP_BODY)
             generation = await admit(self.admission, _NoClient(), parsed, await self.prompt_ids(parsed),
                                      self.engine.tokenizer)
             try:

@@ -20,7 +20,6 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from llmpack.runtime.detokenizer import StreamingDetokenizer
 from llmpack.runtime.errors import LlmpackError
 from llmpack.runtime.generate import FINISH_CANCELLED
 from llmpack.runtime.request import GenerationRequest, Usage
@@ -45,7 +44,7 @@ class Generation:
                  with_logprobs: bool = False):
         self.tokens = tokens
         self._admission = admission
-        self._detokenizer = StreamingDetokenizer(tokenizer)
+        self._detokenizer = tokenizer.stream_decoder()
         self._watcher = watcher
         self._timer = _TokenTimer(admission.metrics)
         self._generated = 0
