@@ -16,7 +16,7 @@ from llmpack.runtime.artifact import Artifact, open_artifact, open_backend
 from llmpack.runtime.backends.interface import Backend
 from llmpack.runtime.batch_scheduler import BatchScheduler
 from llmpack.runtime.generate import Completion, TextStream, TokenSink, TokenStream, complete
-from llmpack.runtime.manifest import DEFAULT_PREFILL_CHUNK
+from llmpack.runtime.manifest import DEFAULT_PREFILL_CHUNK, LLAMA2_CHAT
 from llmpack.runtime.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 from llmpack.runtime.request import GenerationRequest, check_prompt_length
 from llmpack.runtime.sampling import SamplingParams
@@ -87,8 +87,11 @@ class Engine:
                                mixed_steps=options.mixed_steps, huge_pages=options.huge_pages)
         system = options.system_prompt
         if system is None:
+            # Workers AI's default system prompt is its Llama-2-chat model's; another model's own template
+            # brings its default (Qwen2's "You are a helpful assistant.", Llama-3.1's date block) when none is set
             stored = artifact.manifest.default_system_prompt
-            system = DEFAULT_SYSTEM_PROMPT if stored is None else stored
+            meta_chat = artifact.manifest.chat_template == LLAMA2_CHAT
+            system = (DEFAULT_SYSTEM_PROMPT if meta_chat else None) if stored is None else stored
         return cls(artifact, backend, tokenizer, system, options)
 
     @property

@@ -147,3 +147,30 @@ def test_the_cli_builds_verifies_and_inspects_a_qwen2_checkpoint(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     run = subprocess.run([LLM_EXPORT, "inspect", str(out)], capture_output=True, text=True, timeout=60)
     assert "Qwen2ForCausalLM" in run.stdout and "tokenizer tokenizers (tokenizer.json), chat template jinja" in run.stdout
+
+
+@pytest.mark.parametrize("graph", ["standard", "ort-fused"])
+def test_the_engine_answers_a_text_prompt_greedily_as_transformers_generate(checkpoint, graph, tmp_path):
+    """The runtime end to end (the artifact's own tokenizer, raw prompt, the engine's loop) against transformers'
+    tokenizer + generate on the checkpoint, token for token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmpack.runtime.engine import Engine
+    from llmpack.runtime.sampling import SamplingParams
+
+    build(BuildOptions(model=str(checkpoint), out=tmp_path / "a", graph=graph, max_context=128))
+    prompt = "Once upon a time, Lily 🙂 saw 你好 and said:  hello"
+    hf_ids = AutoTokenizer.from_pretrained(str(checkpoint))(prompt)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([hf_ids]), attention_mask=torch.ones(1, len(hf_ids), dtype=torch.long),
+                             max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    engine = Engine.load(tmp_path / "a")
+    try:
+        ids = engine.tokenizer.raw_prompt_ids(prompt)
+        assert ids == hf_ids
+        got = list(engine.generate_ids(ids, 24, SamplingParams(temperature=0), stop_ids=[]))
+    finally:
+        engine.close()
+    assert got == out[0, len(hf_ids):].tolist()
