@@ -117,6 +117,7 @@ class BatchScheduler:
                         "in one step; rebuild an ort-fused artifact to use it", backend.name)
         self.proposed = self.accepted = 0  # speculated tokens checked and kept, since the start (metrics)
         self._score_seconds: dict[int, float] = {}  # a step checking k tokens, by k (running averages)
+        self._plain_seconds: float | None = None  # a batch-1 decode step, sampling included
         self._waiting: deque[SequenceState] = deque()
         self._active: list[SequenceState] = []
         self._free_slots = list(range(backend.max_batch))
@@ -243,11 +244,13 @@ class BatchScheduler:
         self._observe(len(ready))
         for row, state in enumerate(ready):
             state.advance(logits[row])
+        if len(ready) == 1:  # the whole step, sampling included: what a speculated step is weighed against
+            self._plain_seconds = smoothed(self._plain_seconds, time.perf_counter() - started)
 
     def _speculated_step(self, state: SequenceState) -> bool:
         """Check the sequence's proposal in one step (the pending token + k proposed, every position's
         logits), keep what is accepted and drop the rest from the cache; False: no proposal, decode."""
-        if 1 not in self.pacer.decode_seconds:
+        if self._plain_seconds is None:
             return False  # a plain step first: what a check costs is judged against it
         proposal = state.proposal(self._relative_score_cost)
         if not proposal:
@@ -256,13 +259,14 @@ class BatchScheduler:
         started = time.perf_counter()
         try:
             rows = self.speculation.score(state.slot, [state.pending, *proposal])
-            self._score_seconds[len(proposal)] = smoothed(self._score_seconds.get(len(proposal)),
-                                                          time.perf_counter() - started)
             accepted = state.advance_speculated(rows, proposal)
             self.speculation.truncate(state.slot, cached + 1 + accepted)
         except Exception as exc:  # noqa: BLE001 - any backend failure ends only this sequence
             self._fail([state], exc)
             return True
+        # The whole step, each checked position's sampling included (on a small model that is half of it)
+        self._score_seconds[len(proposal)] = smoothed(self._score_seconds.get(len(proposal)),
+                                                      time.perf_counter() - started)
         state.proposal_length.update(len(proposal), accepted)
         self.proposed, self.accepted = self.proposed + len(proposal), self.accepted + accepted
         self._observe(1)
@@ -270,8 +274,8 @@ class BatchScheduler:
 
     def _relative_score_cost(self, k: int) -> float | None:
         """A step checking k speculated tokens over a batch-1 decode step, as measured here (None: not yet)."""
-        decode, score = self.pacer.decode_seconds.get(1), self._score_seconds.get(k)
-        return None if decode is None or score is None else score / decode
+        score = self._score_seconds.get(k)
+        return None if self._plain_seconds is None or score is None else score / self._plain_seconds
 
     def _mixed_step(self, reading: SequenceState, ready: list[SequenceState]) -> None:
         chunk = self._next_chunk(reading, decoding=len(ready))
