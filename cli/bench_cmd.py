@@ -42,31 +42,70 @@ def describe(manifest) -> str:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads [default: all cores].")
 @click.option("--huge-pages/--no-huge-pages", default=True, show_default=True,
               help="Move the loaded weights onto 2 MiB pages (what serving does).")
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Time this text (a raw prompt, the artifact's tokenizer) instead of --prompt-tokens synthetic ids.")
+@click.option("--speculate", type=click.Choice(["off", "ngram"]), default="off", show_default=True,
+              help="ngram: time the engine's own loop with prompt-lookup speculation (off: the backend's steps "
+                   "directly, as the peers are timed).")
 @click.option("--name", default=None, help="Label in the JSON line [default: llmpack FLAVOUR PRECISION].")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-results.jsonl"), show_default=True,
               help="JSON-lines file the record is appended to.")
 @translate_errors
 def bench(artifact: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup: int, threads: int | None,
-          huge_pages: bool, name: str | None, out: Path) -> None:
+          huge_pages: bool, prompt_file: Path | None, speculate: str, name: str | None, out: Path) -> None:
     """Measure TTFT, decode tokens/s (median and spread), peak RSS and size of ARTIFACT; print a JSON line."""
-    from llmpack.runtime.artifact import open_artifact, open_backend
+    from llmpack.runtime.artifact import open_artifact
     from llmpack.runtime.backends.ort_cpu import default_threads
 
     opened = open_artifact(artifact, verify_checksums=False)
     manifest = opened.manifest
-    if prompt_tokens + new_tokens > manifest.max_context:
-        raise click.BadParameter(f"{prompt_tokens} + {new_tokens} tokens exceed the artifact's context of "
-                                 f"{manifest.max_context}", param_hint="--prompt-tokens/--new-tokens")
+    prompt = _prompt(opened, prompt_file, prompt_tokens)
+    if len(prompt) + new_tokens > manifest.max_context:
+        raise click.BadParameter(f"{len(prompt)} + {new_tokens} tokens exceed the artifact's context of "
+                                 f"{manifest.max_context}", param_hint="--prompt-tokens/--prompt-file/--new-tokens")
     threads = threads or default_threads()
-    backend = open_backend(opened, "cpu", threads=threads, max_batch=1, huge_pages=huge_pages)
-    prompt = workload.prompt_ids(prompt_tokens, manifest.config.vocab_size, manifest.bos_token_id)
-    timings = workload.run_backend(backend, prompt, new_tokens, runs, warmup)
+    timings, backend_name, extra = _timed(opened, prompt, new_tokens, runs, warmup, threads, huge_pages, speculate)
+    prompt_tokens = len(prompt)
     line = workload.record(
         name or describe(manifest), timings, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads,
         artifact_bytes=sum(f.size for f in manifest.files), weight_bytes_per_token=linear_weight_bytes(manifest),
-        packages=("llmpack", "onnxruntime", "numpy"), artifact=str(opened.path), backend=backend.name,
-        graph_flavour=manifest.graph_flavour, huge_pages=huge_pages, quant=manifest.quant.method if manifest.quant else "none")
+        packages=("llmpack", "onnxruntime", "numpy"), artifact=str(opened.path), backend=backend_name,
+        graph_flavour=manifest.graph_flavour, huge_pages=huge_pages, quant=manifest.quant.method if manifest.quant else "none",
+        speculate=speculate, prompt_file=str(prompt_file) if prompt_file else None, **extra)
     sys.stdout.write(workload.emit(line, str(out)) + "\n")
+
+
+def _timed(opened, prompt: list[int], new_tokens: int, runs: int, warmup: int, threads: int, huge_pages: bool,
+           speculate: str) -> tuple[dict, str, dict]:
+    """(timings, backend name, extra record fields): the backend's own steps, or with speculation the engine's loop."""
+    from llmpack.runtime.artifact import open_backend
+    from llmpack.runtime.engine import Engine, EngineOptions
+
+    if speculate == "off":
+        backend = open_backend(opened, "cpu", threads=threads, max_batch=1, huge_pages=huge_pages)
+        return workload.run_backend(backend, prompt, new_tokens, runs, warmup), backend.name, {}
+    engine = Engine.load(opened.path, EngineOptions(backend="cpu", threads=threads, max_batch=1, speculate=speculate,
+                                                    prefix_cache_mb=0, huge_pages=huge_pages, verify_checksums=False))
+    try:
+        timings = workload.run_engine(engine, prompt, new_tokens, runs, warmup)
+    finally:
+        engine.close()
+    return timings, engine.backend.name, {"speculated": engine.scheduler.proposed,
+                                          "speculated_accepted": engine.scheduler.accepted}
+
+
+def _prompt(opened, prompt_file: Path | None, prompt_tokens: int) -> list[int]:
+    """The synthetic workload the peers share, or a real text's ids in the artifact's own tokenizer."""
+    if prompt_file is None:
+        manifest = opened.manifest
+        bos = 1 if manifest.bos_token_id is None else manifest.bos_token_id
+        return workload.prompt_ids(prompt_tokens, manifest.config.vocab_size, bos)
+    from llmpack.runtime.chat_format import load_tokenizer
+
+    ids = load_tokenizer(opened).raw_prompt_ids(prompt_file.read_text(encoding="utf-8"))
+    if len(ids) < 1:
+        raise click.BadParameter(f"{prompt_file} holds no text", param_hint="--prompt-file")
+    return ids
 
 
 if __name__ == "__main__":  # `python -m llmpack.cli.bench_cmd`: what `make bench` runs, registered or not

@@ -118,6 +118,24 @@ def run_backend(backend, prompt: list[int], new_tokens: int, runs: int, warmup: 
                         lambda: backend.reset(0), prompt, new_tokens, runs, warmup)
 
 
+def run_engine(engine, prompt: list[int], new_tokens: int, runs: int, warmup: int = 1) -> dict:
+    """run_workload's measure through the engine's own loop (batch scheduler, sampling, speculation when on):
+    greedy, exactly new_tokens, stop ids ignored; TTFT = submit → first token."""
+    from llmpack.runtime.sampling import SamplingParams
+
+    def generation() -> tuple[float, float]:
+        start = first = time.perf_counter()
+        for count, _ in enumerate(engine.generate_ids(prompt, new_tokens, SamplingParams(temperature=0), stop_ids=[])):
+            if count == 0:
+                first = time.perf_counter()
+        return first - start, (new_tokens - 1) / (time.perf_counter() - first)
+
+    for _ in range(warmup):
+        generation()
+    timings = [generation() for _ in range(runs)]
+    return {"ttft_ms": spread([1000 * t for t, _ in timings], 1), "decode_tps": spread([s for _, s in timings], 2)}
+
+
 def record(name: str, timings: dict, *, prompt_tokens: int, new_tokens: int, threads: int, artifact_bytes: int,
            weight_bytes_per_token: int | None, packages: tuple[str, ...], **extra) -> dict:
     """The JSON record every engine writes: timings, memory, size, bandwidth probe, machine, versions."""

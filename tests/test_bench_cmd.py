@@ -32,6 +32,24 @@ def test_bench_prints_and_appends_one_json_line(demo_artifact, tmp_path, monkeyp
     assert len(out.read_text().splitlines()) == 2  # appended, never overwritten
 
 
+def test_bench_times_a_prompt_file_through_the_engine_with_speculation(fused_stories, tmp_path, monkeypatch):
+    """--prompt-file: a real text in the artifact's tokenizer; --speculate ngram: the engine's own loop, with
+    how many tokens were proposed and accepted in the record."""
+    from llmpack.runtime.chat_format import load_tokenizer
+
+    monkeypatch.setattr(bench_workload, "PROBE_BYTES", 8 * 2**20)
+    text = "Lily had a red ball. Lily liked the red ball. One day Lily lost the red ball. Lily"
+    (tmp_path / "prompt.txt").write_text(text)
+    result = CliRunner().invoke(bench, [str(fused_stories), "--prompt-file", str(tmp_path / "prompt.txt"),
+                                        "--speculate", "ngram", "--new-tokens", "60", "--runs", "2", "--threads", "1",
+                                        "--out", str(tmp_path / "b.jsonl")])
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.output.strip().splitlines()[-1])
+    ids = load_tokenizer(open_artifact(fused_stories)).raw_prompt_ids(text)
+    assert line["prompt_tokens"] == len(ids) and line["speculate"] == "ngram" and line["new_tokens"] == 60
+    assert line["speculated"] >= line["speculated_accepted"] >= 0 and line["decode_tps"]["median"] > 0
+
+
 def test_bench_refuses_a_workload_beyond_the_context(demo_artifact, tmp_path):
     result = CliRunner().invoke(llm_serve, ["bench", str(demo_artifact), "--prompt-tokens", "3000",
                                             "--new-tokens", "100", "--out", str(tmp_path / "x")])

@@ -345,3 +345,28 @@ def test_speculation_stops_where_the_measured_check_costs_more_than_it_saves():
     finally:
         plain.close()
         slow.close()
+
+
+def test_the_server_speculates_on_request_and_counts_it_on_metrics(fused_stories, tmp_path):
+    """`llm-serve run --speculate ngram`: the same greedy answer as without it, and /metrics counts the tokens
+    proposed and accepted (the server's own cost model decides how many: the counters only need to move)."""
+    import httpx
+    from serving import AUTH, GREEDY, RUN, SERVER_API_KEY, ServerProcess
+
+    body = {"prompt": STORY_PROMPTS[3], "raw": True, **GREEDY, "max_tokens": 120}
+    texts = {}
+    for mode in ("off", "ngram"):
+        server = ServerProcess(fused_stories, tmp_path / f"{mode}.log", "--speculate", mode, "--prefix-cache-mb", "0",
+                               env={"LLMPACK_API_KEY": SERVER_API_KEY})
+        try:
+            with httpx.Client(base_url=server.base, headers=AUTH, timeout=60) as client:
+                texts[mode] = [client.post(RUN, json=body).json()["response"] for _ in range(3)]
+                metrics = client.get("/metrics").text
+        finally:
+            assert server.stop() == 0, server.log()
+        counted = "llmpack_speculated_tokens_total" in metrics
+        assert counted == (mode == "ngram"), metrics
+    assert texts["ngram"] == texts["off"]
+    proposed = next(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("llmpack_speculated_tokens_total "))
+    assert proposed > 0
