@@ -49,8 +49,8 @@ def kernel_model(folder: Path, shapes: list[tuple[str, int, int, str]], spec, hi
     g = GraphWriter(folder / "model.onnx.data")
     outputs = [write_linear(g, source, name, rng.standard_normal((n, k), dtype=np.float32) * 0.02, spec)
                for name, n, k, source in shapes]
-    g.finish([value_info("x", "float32", (1, hidden)), value_info("h", "float32", (1, inter))],
-             [value_info(name, "float32", (1, n)) for name, (_, n, _, _) in zip(outputs, shapes)],
+    g.finish([value_info("x", "float32", ("rows", hidden)), value_info("h", "float32", ("rows", inter))],
+             [value_info(name, "float32", ("rows", n)) for name, (_, n, _, _) in zip(outputs, shapes)],
              opset=17, path=folder / "model.onnx", doc="bench/int4_kernel.py")
     return folder / "model.onnx", (folder / "model.onnx.data").stat().st_size
 
@@ -79,10 +79,12 @@ def step_ms(session, feeds: dict, steps: int) -> float:
 
 
 def parse_variant(text: str):
+    """block:sym|asym[:accN] (accuracy level N, default the export's 4)."""
     from llmpack.export.quantize import QuantSpec
 
-    block, kind = text.split(":")
-    return QuantSpec(bits=4, block_size=int(block), symmetric=kind == "sym")
+    block, kind, *accuracy = text.split(":")
+    level = int(accuracy[0].removeprefix("acc")) if accuracy else QuantSpec().accuracy_level
+    return QuantSpec(bits=4, block_size=int(block), symmetric=kind == "sym", accuracy_level=level)
 
 
 def main() -> None:
@@ -95,12 +97,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=1,
+                        help="tokens per step (1: decode; k + 1: a step checking k speculated tokens)")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     shapes = linear_shapes(shape, args.layers or shape["num_hidden_layers"])
-    feeds = {"x": np.random.default_rng(1).random((1, shape["hidden_size"]), dtype=np.float32),
-             "h": np.random.default_rng(2).random((1, shape["intermediate_size"]), dtype=np.float32)}
+    feeds = {"x": np.random.default_rng(1).random((args.rows, shape["hidden_size"]), dtype=np.float32),
+             "h": np.random.default_rng(2).random((args.rows, shape["intermediate_size"]), dtype=np.float32)}
     variants, folder = [], Path(tempfile.mkdtemp(prefix="int4-kernel-"))
     try:
         for text in args.variants.split(","):
@@ -122,7 +126,7 @@ def report(args, shapes, variants, rounds: dict[str, list[float]]) -> list[str]:
     params = sum(n * k for _, n, k, _ in shapes)
     first = statistics.median(rounds[variants[0][0]])
     lines = [header(f"int4 MatMulNBits kernel by block size: {args.shape}, {len(shapes) - 1} Linears + head",
-                    "onnxruntime", "numpy"), f"- {params / 1e6:.0f} M weights, batch 1, {args.threads} threads, "
+                    "onnxruntime", "numpy"), f"- {params / 1e6:.0f} M weights, {args.rows} row(s) per step, {args.threads} threads, "
              f"{args.rounds} rounds x {args.steps} runs, median of the round medians", "",
              "| block:zero points | weight bits (file) | ms per step | round medians | vs first | GB/s of file bytes |",
              "|---|---|---|---|---|---|"]
