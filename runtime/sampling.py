@@ -103,8 +103,10 @@ def apply_penalties(logits: np.ndarray, params: SamplingParams, history: TokenHi
     if params.repetition_penalty != 1.0:
         ids = np.flatnonzero(history.seen)
         values = out[ids]
-        # Dividing a negative logit would raise it, so HF multiplies those instead.
-        out[ids] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+        # Dividing a negative logit would raise it, so HF multiplies those instead (processed_scores keeps the
+        # quotient of a penalty near 0 finite).
+        with np.errstate(over="ignore", divide="ignore"):
+            out[ids] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
     if params.frequency_penalty or params.presence_penalty:
         ids = np.flatnonzero(history.generated_counts)
         counts = history.generated_counts[ids].astype(np.float32)
@@ -174,9 +176,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def processed_scores(logits: np.ndarray, params: SamplingParams, history: TokenHistory | None = None) -> np.ndarray:
-    """The logits the choice is made from: penalties, then the logit bias (never changes `logits`)."""
+    """The logits the choice is made from: penalties, then the logit bias (never changes `logits`).
+
+    Kept finite: a repetition penalty near its open bound 0 (5e-324 is in range) divides seen tokens'
+    logits to infinity, and inf - inf is NaN in every softmax and log probability after it; such scores
+    are held at float32's largest magnitudes, which keeps their order.
+    """
     scores = apply_penalties(logits, params, history) if history is not None else logits
-    return apply_logit_bias(scores, params.logit_bias)
+    scores = apply_logit_bias(scores, params.logit_bias)
+    if not np.isfinite(scores).all():
+        limit = np.finfo(np.float32).max
+        scores = np.nan_to_num(scores, nan=-limit, posinf=limit, neginf=-limit)
+    return scores
 
 
 def sample_token(
@@ -203,7 +214,8 @@ def token_logprobs(scores: np.ndarray, params: SamplingParams, token: int, top: 
     the token is drawn from before top-k / top-p narrow it. Computed in float64."""
     z = scores.astype(np.float64) / (params.temperature if params.temperature > 0 else 1.0)
     peak = float(np.max(z))
-    logprobs = z - (peak + math.log(float(np.sum(np.exp(z - peak)))))
+    shifted = z - peak  # subtracted before the log-sum: at float32's largest scores, peak + log(sum) loses the sum
+    logprobs = shifted - math.log(float(np.sum(np.exp(shifted))))
     best = top_k_ids(logprobs, top) if top else np.empty(0, dtype=np.int64)
     best = best[np.argsort(-logprobs[best], kind="stable")]
     return TokenLogprobs(token, float(logprobs[token]), tuple((int(i), float(logprobs[i])) for i in best))
@@ -225,7 +237,11 @@ def candidate_weights(scores: np.ndarray, params: SamplingParams) -> tuple[np.nd
     # Narrow to candidate ids first so softmax and the draw run over k ids, not the vocabulary.
     ids = None if params.top_k is None else top_k_ids(scores, params.top_k)
     candidates = scores if ids is None else scores[ids]
-    probs = softmax(candidates / np.float32(params.temperature))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        scaled = candidates / np.float32(params.temperature)
+    if not np.isfinite(scaled).all():  # a temperature so small the division overflows: its limit, the top ties
+        scaled = np.where(candidates == np.max(candidates), np.float32(0), np.float32(-np.inf))
+    probs = softmax(scaled)
     if params.top_p < 1.0:
         kept = nucleus_ids(probs, params.top_p)
         ids, probs = (kept if ids is None else ids[kept]), probs[kept]

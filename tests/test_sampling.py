@@ -17,6 +17,7 @@ from llmpack.runtime.sampling import (
     make_rng,
     nucleus_ids,
     processed_scores,
+    sample_from_scores,
     sample_token,
     softmax,
     token_logprobs,
@@ -234,3 +235,24 @@ def test_token_logprobs_are_the_log_softmax_of_the_processed_scores_over_the_tem
 def test_top_logprobs_is_bounded():
     with pytest.raises(InvalidRequest, match="top_logprobs"):
         SamplingParams(top_logprobs=21).validate()
+
+
+def test_a_repetition_penalty_at_its_open_bound_keeps_every_score_and_log_probability_finite():
+    """5e-324 is in range (0, 2]: seen tokens' logits divide to infinity. Found by `make fuzz` as a 500 (a NaN log
+    probability could not be written as JSON); the scores stay finite and ordered, ties share the mass."""
+    import json
+
+    params = SamplingParams(temperature=1.0, repetition_penalty=5e-324, seed=3)
+    scores = processed_scores(np.array([1.0, 2.0, -3.0, 0.5], np.float32), params, TokenHistory(4, [0, 1]))
+    assert np.isfinite(scores).all() and scores[0] == scores[1] > scores[3] > scores[2]
+    assert sample_from_scores(scores, params, make_rng(3)) in (0, 1)
+    logprobs = token_logprobs(scores, params, 1, 2)
+    assert logprobs.logprob == pytest.approx(np.log(0.5)) and json.dumps(logprobs.top, allow_nan=False)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 5e-324])
+def test_a_vanishing_temperature_samples_the_top_ties_instead_of_nan(temperature):
+    params = SamplingParams(temperature=temperature)
+    scores = np.array([1.0, 2.0, 2.0, -3.0], np.float32)
+    draws = {sample_from_scores(scores, params, make_rng(seed)) for seed in range(40)}
+    assert draws == {1, 2}
