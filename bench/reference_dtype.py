@@ -31,7 +31,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for quant in ("int8", "int4"):
             artifact = open_artifact(build(BuildOptions(model=str(source), out=Path(tmp) / quant, quant=quant)).path)
-            ids = quality.quality_ids(artifact.tokenizer_path, artifact.manifest.bos_token_id, quality.MAX_TOKENS)
+            ids = quality.quality_ids(artifact, quality.MAX_TOKENS)
             candidate = quality.artifact_logits(open_backend(artifact), ids)
             for name, model in models.items():
                 rows.append((quant, name, quality.compare(quality.reference_logits(model, ids), candidate)))

@@ -42,17 +42,13 @@ class Quality:
     mean_kl: float
 
 
-def quality_ids(tokenizer_path, bos_id: int | None, limit: int) -> list[int]:
+def quality_ids(artifact, limit: int) -> list[int]:
     """The quality text's ids after BOS (when the model has one), in the artifact's own tokenizer."""
-    if str(tokenizer_path).endswith(".json"):
-        from tokenizers import Tokenizer as HfTokenizer
+    from llmpack.runtime.chat_format import load_tokenizer
 
-        ids = HfTokenizer.from_file(str(tokenizer_path)).encode(QUALITY_TEXT, add_special_tokens=False).ids
-    else:
-        from llmpack.runtime.tokenizer import Tokenizer
-
-        ids = Tokenizer.from_file(tokenizer_path).encode(QUALITY_TEXT)
-    return ([] if bos_id is None else [bos_id]) + ids[: limit - (bos_id is not None)]
+    bos = artifact.manifest.bos_token_id
+    ids = load_tokenizer(artifact).encode(QUALITY_TEXT)
+    return ([] if bos is None else [bos]) + ids[: limit - (bos is not None)]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -86,8 +82,8 @@ def reference_logits(model, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
-def measure(model, backend, tokenizer_path, bos_id: int | None, context: int) -> Quality:
-    ids = quality_ids(tokenizer_path, bos_id, min(MAX_TOKENS, context))
+def measure(model, backend, artifact) -> Quality:
+    ids = quality_ids(artifact, min(MAX_TOKENS, artifact.manifest.max_context))
     return compare(reference_logits(model, ids), artifact_logits(backend, ids))
 
 

@@ -194,7 +194,7 @@ def verify(artifact_path: Path | str, steps: int = 32, prompt_length: int = 16, 
     if manifest.quant is None:
         checks = parity_checks(runner, prompt, _reference_greedy(model, prompt, steps), steps, tolerance)
     else:  # int8/int4 are judged on their predictions, not on 1e-4 logits; the cache check needs no reference
-        measured = quality.measure(model, runner, artifact.tokenizer_path, manifest.bos_token_id, manifest.max_context)
+        measured = quality.measure(model, runner, artifact)
         checks = (*(Check(*row) for row in quality.judge(manifest.quant.method, measured)),
                   cache_check(runner, prompt, steps, tolerance))
     label = ", ".join([manifest.dtype, manifest.graph_flavour] + ([manifest.quant.method] if manifest.quant else [])
