@@ -14,6 +14,7 @@ import click
 
 from llmpack.cli import bench_workload as workload
 from llmpack.cli.common import translate_errors
+from llmpack.runtime.engine import SPECULATION_MODES, EngineOptions
 
 
 def linear_weight_bytes(manifest) -> int:
@@ -44,7 +45,7 @@ def describe(manifest) -> str:
               help="Move the loaded weights onto 2 MiB pages (what serving does).")
 @click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Time this text (a raw prompt, the artifact's tokenizer) instead of --prompt-tokens synthetic ids.")
-@click.option("--speculate", type=click.Choice(["off", "ngram"]), default="off", show_default=True,
+@click.option("--speculate", type=click.Choice(SPECULATION_MODES), default=EngineOptions.speculate, show_default=True,
               help="ngram: time the engine's own loop with prompt-lookup speculation (off: the backend's steps "
                    "directly, as the peers are timed).")
 @click.option("--name", default=None, help="Label in the JSON line [default: llmpack FLAVOUR PRECISION].")

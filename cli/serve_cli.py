@@ -99,9 +99,11 @@ def request_options(f):
 
 
 def cli_request(request: str | None, artifact: Path):
-    """REQUEST with the convenience flags applied, validated exactly as the server validates a body.
+    """(REQUEST with the convenience flags applied, validated exactly as the server validates a body; the
+    artifact's chat format, or None when the artifact cannot be read — loading the engine says why).
 
-    The artifact's chat format checks it too, before any model loads: a bad request fails at once, quietly.
+    The chat format checks the request too, before any model loads: a bad request fails at once, quietly.
+    The engine then reuses that chat format and its tokenizer instead of loading them again.
     """
     from llmpack.runtime.artifact import Artifact
     from llmpack.runtime.chat_format import check_request, load_chat_format, load_tokenizer
@@ -116,11 +118,11 @@ def cli_request(request: str | None, artifact: Path):
         opened = Artifact(folder, read_manifest(folder))
         chat = load_chat_format(opened, load_tokenizer(opened))
     except ArtifactError:
-        return parsed  # a damaged artifact: loading the engine names what is wrong with it
-    return check_request(chat, parsed)
+        return parsed, None  # a damaged artifact: loading the engine names what is wrong with it
+    return check_request(chat, parsed), chat
 
 
-def load_engine(artifact: Path, max_batch: int = 1):
+def load_engine(artifact: Path, max_batch: int = 1, chat_format=None):
     """The engine as the server runs it: the Workers AI spec's context and input limits, the chosen options."""
     from llmpack.runtime.engine import Engine
     from llmpack.runtime.serve.protocol import ENGINE_LIMITS
@@ -129,7 +131,7 @@ def load_engine(artifact: Path, max_batch: int = 1):
     given = {name: value for name, value in chosen.items() if name != "no_verify_checksums"}
     options = EngineOptions(**given, verify_checksums=not chosen.get("no_verify_checksums", False),
                             max_batch=max_batch, **ENGINE_LIMITS)
-    return Engine.load(artifact, options)
+    return Engine.load(artifact, options, chat_format)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -152,8 +154,8 @@ def infer(artifact, request):
     """Answer one REQUEST (JSON, @file or -) and print the response exactly as the server sends it."""
     from llmpack.runtime.serve.protocol import SSE_DONE, completion_json, sse_event, sse_usage_event
 
-    parsed = cli_request(request, artifact)
-    engine = load_engine(artifact)
+    parsed, chat = cli_request(request, artifact)
+    engine = load_engine(artifact, chat_format=chat)
     text_stream = engine.stream_request(parsed)
     out = sys.stdout.buffer
     if parsed.stream:
@@ -170,8 +172,8 @@ def infer(artifact, request):
 @request_command
 def tokenize(artifact, request):
     """Print the exact ids the model would be fed for REQUEST: {"tokens": [...], "count": N}."""
-    parsed = cli_request(request, artifact)
-    ids = load_engine(artifact).request_ids(parsed)
+    parsed, chat = cli_request(request, artifact)
+    ids = load_engine(artifact, chat_format=chat).request_ids(parsed)
     click.echo(json.dumps({"tokens": ids, "count": len(ids)}))
 
 

@@ -33,6 +33,8 @@ RAW_HINT = "send the prompt with raw=true"
 
 
 class ChatFormat(Protocol):
+    tokenizer: TextTokenizer  # the artifact's, which the format encodes with
+
     def check(self, messages: Sequence[Message | Mapping]) -> tuple[Message, ...]:
         """The messages as Message objects if this format can take them; InvalidRequest naming the problem."""
 

@@ -80,9 +80,12 @@ class Engine:
             log.info("prefix cache off: the %s backend cannot copy its KV cache", backend.name)
 
     @classmethod
-    def load(cls, path: Path | str, options: EngineOptions = EngineOptions()) -> Engine:
+    def load(cls, path: Path | str, options: EngineOptions = EngineOptions(),
+             chat_format: ChatFormat | None = None) -> Engine:
+        """chat_format: the artifact's, when the caller already loaded it (with its tokenizer) to check a
+        request before the model loads; the files are checked here all the same."""
         artifact = open_artifact(path, verify_checksums=options.verify_checksums)
-        tokenizer = load_tokenizer(artifact)
+        tokenizer = load_tokenizer(artifact) if chat_format is None else chat_format.tokenizer
         backend = open_backend(artifact, options.backend, options.threads, options.max_batch,
                                mixed_steps=options.mixed_steps, huge_pages=options.huge_pages)
         system = options.system_prompt
@@ -92,7 +95,7 @@ class Engine:
             stored = artifact.manifest.default_system_prompt
             meta_chat = artifact.manifest.chat_template == LLAMA2_CHAT
             system = (DEFAULT_SYSTEM_PROMPT if meta_chat else None) if stored is None else stored
-        return cls(artifact, backend, tokenizer, system, options)
+        return cls(artifact, backend, tokenizer, system, options, chat_format)
 
     @property
     def max_batch(self) -> int:
