@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmpack.export.rope import check_rope_scaling
+from llmpack.export.rope import check_rope_scaling, rope_type
 from llmpack.runtime.errors import CheckpointError
 from llmpack.runtime.manifest import ModelConfig
 
@@ -41,7 +41,7 @@ def model_config(raw: dict, where: Path) -> ModelConfig:
         rope = dict(raw.get("rope_parameters") or {})  # transformers 5 keeps theta and scaling together here
         scaling = raw.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} or None)
         max_positions = int(raw.get("max_position_embeddings", 4096))
-        check_rope_scaling(scaling, max_positions, str(where))
+        check_rope_scaling(scaling, str(where))
         return ModelConfig(
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
@@ -55,7 +55,7 @@ def model_config(raw: dict, where: Path) -> ModelConfig:
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             architecture=sorted(archs & FAMILIES[model_type])[0] if archs else sorted(FAMILIES[model_type])[0],
-            rope_scaling=None if not scaling or scaling.get("rope_type", scaling.get("type")) == "default" else scaling,
+            rope_scaling=None if rope_type(scaling) == "default" else scaling,
             attention_bias=model_type == "qwen2" or bool(raw.get("attention_bias")),
             sliding_window=_sliding_window(raw, model_type),
         )

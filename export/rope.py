@@ -21,7 +21,7 @@ def rope_type(scaling: dict | None) -> str:
     return "default" if not scaling else str(scaling.get("rope_type") or scaling.get("type") or "default")
 
 
-def check_rope_scaling(scaling: dict | None, max_position_embeddings: int, where: str) -> None:
+def check_rope_scaling(scaling: dict | None, where: str) -> None:
     """Refuse, in one line naming the field, what the graphs cannot reproduce exactly."""
     kind = rope_type(scaling)
     if kind not in SUPPORTED_ROPE_TYPES:
