@@ -30,7 +30,6 @@ from llmpack.export.graph import OPSET, write_decoder_graph
 from llmpack.export.mixed_graph import write_mixed_graph
 from llmpack.export.options import DTYPES, BuildOptions, resolve_graph
 from llmpack.export.progress import digest_files
-from llmpack.export.rope import dynamic_context_limit
 from llmpack.export.quantize import ACCURACY_LEVELS, BLOCK_SIZES, QUANT_BITS
 from llmpack.runtime import __version__
 from llmpack.runtime import manifest as names
@@ -201,8 +200,8 @@ def _write_tokenizer(checkpoint: Checkpoint, staging: Path) -> tuple[str, ...]:
 def context_for(options: BuildOptions, checkpoint: Checkpoint) -> int:
     """--max-context, capped where the model stops being exact (each cap logged with its reason)."""
     config, context = checkpoint.config, options.max_context
+    # max_position_embeddings also keeps `dynamic` RoPE exact: it recomputes its frequencies only past it
     caps = [(config.max_position_embeddings, "its max_position_embeddings"),
-            (dynamic_context_limit(config), "dynamic RoPE recomputes its frequencies past max_position_embeddings"),
             # full attention equals the model's sliding-window attention only while the context fits the window
             (config.sliding_window, "its sliding_window (llmpack attends to the whole context)")]
     for limit, reason in caps:

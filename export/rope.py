@@ -37,12 +37,6 @@ def check_rope_scaling(scaling: dict | None, where: str) -> None:
         raise CheckpointError(f"{where}: partial_rotary_factor {scaling['partial_rotary_factor']} is not supported")
 
 
-def dynamic_context_limit(config: ModelConfig) -> int | None:
-    """Dynamic NTK keeps the plain frequencies up to max_position_embeddings and recomputes them past it (per
-    sequence length: not a table a graph can hold), so its artifacts stop there."""
-    return config.max_position_embeddings if rope_type(config.rope_scaling) == "dynamic" else None
-
-
 def inverse_frequencies(config: ModelConfig) -> np.ndarray:
     """inv_freq [head_dim / 2] in float32, scaled as config.rope_scaling says."""
     d = config.head_dim
@@ -52,7 +46,7 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
         return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
     if kind == "llama3":
         return _llama3(inv_freq, scaling, config.max_position_embeddings)
-    return inv_freq  # default; dynamic below max_position_embeddings (dynamic_context_limit)
+    return inv_freq  # default; dynamic up to max_position_embeddings, where build caps every context
 
 
 def _llama3(inv_freq: np.ndarray, scaling: dict, max_position_embeddings: int) -> np.ndarray:
