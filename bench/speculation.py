@@ -44,8 +44,7 @@ def timed_answer(engine, prompt: str, new_tokens: int) -> tuple[float, int]:
     from llmpack.runtime.sampling import SamplingParams
 
     ids = [engine.tokenizer.bos_id, *engine.tokenizer.encode(prompt)]
-    first = start = None
-    count = 0
+    first, count = None, 0
     start = time.perf_counter()
     for _ in engine.generate_ids(ids, new_tokens, SamplingParams(temperature=0), stop_ids=[]):
         count += 1
