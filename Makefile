@@ -8,7 +8,7 @@ FUZZ_EXAMPLES ?= 300
 FUZZ_SEED ?=
 SOAK_SECONDS ?= 180
 
-.PHONY: bench-speculate gpu-install gpu-standin bench-llama-server bench-served install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-huge-pages bench-int4-kernel bench-step-costs gpu-check clean bench bench-variants bench-peers
+.PHONY: bench-7b bench-speculate gpu-install gpu-standin bench-llama-server bench-served install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-huge-pages bench-int4-kernel bench-step-costs gpu-check clean bench bench-variants bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -178,13 +178,14 @@ $(LLAMACPP_STAMP): $(LLAMACPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py
 # the prebuilt one comes from a hub at configure time), no OpenSSL; ~10 min on 2 cores, niced.
 LLAMA_SERVER := $(PEERS)/llamacpp-build/bin/llama-server
 LLAMA_QUANTIZE := $(PEERS)/llamacpp-build/bin/llama-quantize
+LLAMA_BENCH := $(PEERS)/llamacpp-build/bin/llama-bench
 
-$(LLAMA_SERVER) $(LLAMA_QUANTIZE) &: $(LLAMACPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py
+$(LLAMA_SERVER) $(LLAMA_QUANTIZE) $(LLAMA_BENCH) &: $(LLAMACPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py
 	cmake -S $(LLAMACPP_SRC)/vendor/llama.cpp -B $(PEERS)/llamacpp-build -DCMAKE_BUILD_TYPE=Release \
 	    -DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_OPENMP=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
 	    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF > /dev/null
-	nice -n 19 cmake --build $(PEERS)/llamacpp-build --target llama-server llama-quantize -j 2 > /dev/null
-	touch $(LLAMA_SERVER) $(LLAMA_QUANTIZE)
+	nice -n 19 cmake --build $(PEERS)/llamacpp-build --target llama-server llama-quantize llama-bench -j 2 > /dev/null
+	touch $(LLAMA_SERVER) $(LLAMA_QUANTIZE) $(LLAMA_BENCH)
 
 bench-llama-server: $(LLAMA_SERVER)
 
@@ -255,6 +256,20 @@ bench-peers: $(GENAI) $(LLAMACPP_GGUF) $(OPTIMUM_MODEL)/model.onnx bench-model
 	for p in fp32 int8 int4; do test -f $(PEERS)/models/genai-110m-$$p/model.onnx || \
 	    $(GENAI) -m onnxruntime_genai.models.builder -i $(PEERS)/src-110m -o $(PEERS)/models/genai-110m-$$p \
 	        -p $$p -e cpu -c $(PEERS)/cache || exit 1; done
+
+# The real size (issue: read fewer bytes per token than llama.cpp q4_0): the random-weight Llama-2-7B-shape checkpoint
+# (made if absent, fp16), llmpack int4 / int8 with default options (+ int4 block 32, what --block-size auto replaced),
+# llama.cpp q4_0 / q8_0 by its own converter and quantizer, then BENCH_7B_ROUNDS alternating rounds: llm-serve bench
+# against llama.cpp's own llama-bench. Writes bench/results/bench-7b-<date>.md. Disk: ~13.5 GB checkpoint +
+# ~15.5 GB llmpack artifacts + ~11 GB GGUFs kept, and 13.5 GB more while the f16 GGUF exists (deleted after
+# quantizing): ~55 GB at the peak. Time here: ~10 min of builds, then ~6 min a round.
+BENCH_7B_ROUNDS ?= 3
+SRC_7B := artifacts/.sources/llama2-7b-shape
+
+bench-7b: install $(LLAMA_BENCH) $(LLAMA_QUANTIZE)
+	$(BIN)/python -m llmpack.export.random_checkpoint --shape llama2-7b --dtype float16 --out $(SRC_7B)
+	$(BIN)/python bench/bench_7b.py --source $(SRC_7B) --converter $(LLAMACPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	    --llama-quantize $(LLAMA_QUANTIZE) --llama-bench $(LLAMA_BENCH) --rounds $(BENCH_7B_ROUNDS)
 
 bench: bench-variants bench-peers
 	$(BIN)/python bench/run_all.py
