@@ -109,7 +109,7 @@ def time_llmpack(c: Contender, args, log: Path) -> dict:
     _, _, out = run_measured(argv, log)
     line = json.loads(next(x for x in out.splitlines() if x.startswith("{")))
     return {"decode_tps": line["decode_tps"]["median"], "ttft_ms": line["ttft_ms"]["median"],
-            "peak_rss_gib": line["peak_rss_mib"] / 1024}
+            "peak_rss_gib": line["peak_rss_mib"] / 1024, "probe_gbps": line["read_bandwidth_gbps"]}
 
 
 def time_llama_cpp(c: Contender, args, log: Path) -> dict:
@@ -190,11 +190,14 @@ def pair_lines(contenders, results) -> list[str]:
 
 def report(contenders, results, builds: BuildLog, args) -> list[str]:
     loads = [row["load_1min"] for rows in results.values() for row in rows]
+    probes = [row["probe_gbps"] for rows in results.values() for row in rows if "probe_gbps" in row]
     return [header("Llama-2-7B shape: llmpack int4/int8 (default options) vs llama.cpp q4_0/q8_0",
                    "onnxruntime", "numpy"),
             f"- workload: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens greedy, batch 1, "
             f"{len(os.sched_getaffinity(0))} threads; {args.rounds} rounds, order rotated, a fresh process each",
             f"- machine load (1-min average) after each contender: min {min(loads):.2f}, max {max(loads):.2f}",
+            f"- memory read bandwidth (numpy probe in each llmpack process, 2 threads): {min(probes):.1f}–"
+            f"{max(probes):.1f} GB/s",
             "- llmpack: `llm-serve bench` (1 warm-up + 1 timed generation); llama.cpp: `llama-bench -r 1` "
             "(pp for TTFT, tg at depth = prompt for decode)", "",
             *contender_table(contenders, results, builds, args), *pair_lines(contenders, results), "",
