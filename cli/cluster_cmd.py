@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 from pathlib import Path
 
 import click
@@ -83,9 +84,12 @@ def cluster(artifact, address, host, port, api_key, max_batch, max_queue, shutdo
         serve.run(app, name="llmpack", route_prefix="/")
         log.info("serving %s on http://%s:%d from %s", artifact, host, port,
                  f"{settings.replicas} replicas" if settings.autoscaling(max_batch) is None else "autoscaled replicas")
-        # Blocked only now: Ray's own processes, started above, keep the default handlers.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        # Set after ray.init, whose core worker installs a SIGTERM handler that aborts the process.
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            pass
         log.info("shutting down: replicas drain for up to %g s", shutdown_timeout)
         serve.delete("llmpack")
     finally:

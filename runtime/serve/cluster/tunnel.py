@@ -83,7 +83,9 @@ async def replay(app: ASGIApp, scope: dict, body: bytes, replica: str) -> AsyncI
 
     async def send(message: dict) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), (REPLICA_HEADER, replica.encode())]}
+            # Ray's proxy adds the request's X-Request-ID to the response itself: the app's copy would repeat it.
+            headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
+            message = {**message, "headers": [*headers, (REPLICA_HEADER, replica.encode())]}
         await sent.put(message)
 
     async def run() -> None:
