@@ -10,7 +10,6 @@ body must be read before routing). Ray is imported here and in router.py only.
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -20,14 +19,13 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError
 
 from llmpack.runtime.engine import Engine, EngineOptions
-from llmpack.runtime.errors import InvalidRequest
+from llmpack.runtime.errors import InvalidRequest, ServeError
 from llmpack.runtime.serve.cluster.settings import PROBE_HEADROOM, ClusterSettings
 from llmpack.runtime.serve.cluster.tunnel import Forwarded, Forwarder, replay
 from llmpack.runtime.serve.protocol import ENGINE_LIMITS
 from llmpack.runtime.serve.server import create_app
 from llmpack.runtime.serve.settings import ServerSettings
 
-log = logging.getLogger("llmpack.cluster")
 ROUTER = "llmpack.runtime.serve.cluster.router:PrefixAffinityRouter"
 
 
@@ -48,7 +46,7 @@ class LlmReplica:
             self.state.ready = False
             await self.state.warm_up()
             if not self.state.ready:
-                raise RuntimeError(self.state.not_ready_reason)
+                raise ServeError(f"the replica is not ready: {self.state.not_ready_reason}")
         self.name = serve.get_replica_context().replica_id.unique_id
 
     async def handle(self, forwarded: Forwarded):
@@ -59,11 +57,13 @@ class LlmReplica:
     def check_health(self) -> None:
         """Ray's health check is the engine's readiness: a replica that stopped being ready is replaced."""
         if not self.state.ready:
-            raise RuntimeError(f"not ready: {self.state.not_ready_reason}")
+            raise ServeError(f"not ready: {self.state.not_ready_reason}")
 
     async def __del__(self):
         # Ray stops routing here and waits graceful_shutdown_timeout_s for requests in flight; what is left
         # is cancelled as `llm-serve run` cancels at its shutdown timeout (503 / the stream's error event).
+        if not hasattr(self, "_lifespan"):  # the constructor failed before the app started: nothing to drain
+            return
         await self.state.drain()
         await self._lifespan.__aexit__(None, None, None)
 
