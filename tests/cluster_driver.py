@@ -61,11 +61,13 @@ def main(artifact: str, out: str) -> None:
             report["probes"] = {path: client.get(path).status_code for path in ("/health", "/ready", "/v1/models")}
         report["kill"] = _kill_under_load(base)
         report["sockets"] = inet_sockets()
-        small = application(artifact, EngineOptions(threads=1, max_batch=1), ServerSettings(max_queue=0),
+        small = application(artifact, EngineOptions(threads=1, max_batch=1),
+                            ServerSettings(max_queue=0, shutdown_timeout_s=300),
                             ClusterSettings(replicas=2, num_cpus=1))
         serve.run(small, name="llmpack", route_prefix="/")
         report["full"] = _fill(base)
         report["sockets"] += inet_sockets()
+        report["drain"] = _drain_on_delete(base, serve)
     finally:
         Path(out).write_text(json.dumps(report))
         serve.shutdown()
@@ -133,7 +135,8 @@ def _stream(base: str, body: dict, first_event: callable | None = None) -> dict:
                 if not raw and first_event is not None:
                     first_event(r.headers.get(HEADER))
                 raw += chunk
-            return {"status": r.status_code, "replica": r.headers.get(HEADER), "tail": raw[-300:].decode("utf-8", "replace"),
+            return {"status": r.status_code, "replica": r.headers.get(HEADER),
+                    "tail": raw[-300:].decode("utf-8", "replace"),
                     "outcome": "done" if raw.endswith(b"data: [DONE]\n\n") else "ended"}
     except httpx.TimeoutException:
         return {"outcome": "hung"}
@@ -217,6 +220,26 @@ def _fill(base: str) -> dict:
             break
         time.sleep(0.2)
     return {"held": {k: len(v) for k, v in held.items() if k}, "statuses": statuses, "full": full, "again": again}
+
+
+def _drain_on_delete(base: str, serve) -> dict:
+    """A stream in flight when the app is deleted: Ray stops routing and the replica lets it finish
+    (shutdown_timeout_s 300, far more than its 2900 tokens take; Ray starts stopping the replicas within
+    ~2 s), as SIGTERM does to `llm-serve run`."""
+    import threading
+
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as client:
+        body = {"prompt": "drain", **LONG}
+        with client.stream("POST", WORKERS, json=body) as response:
+            chunks = response.iter_bytes()
+            raw = next(chunks)
+            deleting = threading.Thread(target=serve.delete, args=("llmpack",))
+            deleting.start()
+            raw += b"".join(chunks)
+        deleting.join(300)
+    return {"status": response.status_code, "done": raw.endswith(b"data: [DONE]\n\n"),
+            "deleted": not deleting.is_alive(),
+            "tail": raw[-200:].decode("utf-8", "replace")}
 
 
 if __name__ == "__main__":

@@ -64,7 +64,8 @@ def loopback_command(argv: list[str], repo: Path) -> tuple[list[str] | None, str
         candidates.append(["unshare", "--net", "--fork", "bash", "-c", 'ip link set lo up && exec "$@"', "netns"])
     reasons = []
     for prefix in candidates:
-        probe = subprocess.run([*prefix, "cat", "/proc/net/dev"], check=False, capture_output=True, text=True, timeout=30)
+        probe = subprocess.run([*prefix, "cat", "/proc/net/dev"], check=False, capture_output=True, text=True,
+                               timeout=30)
         if probe.returncode == 0 and interfaces(probe.stdout) == ["lo"]:
             return [*prefix, *argv], ""
         reasons.append(f"{prefix[0]}: {probe.stderr.strip() or probe.stdout.strip()}")

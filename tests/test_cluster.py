@@ -133,3 +133,9 @@ def test_the_cluster_answers_429_when_every_replica_is_full(cluster_run):
         body = json.loads(answer["body"])
         assert body.get("error", {}).get("type") == "rate_limit_error" or body["errors"][0]["code"] == 3040
     assert full["again"] == 200  # the held streams' disconnects freed the replicas
+
+
+def test_deleting_the_app_lets_a_stream_in_flight_finish(cluster_run):
+    drain = cluster_run["drain"]
+    assert drain["status"] == 200 and drain["done"], drain["tail"]  # ended with [DONE], not an error event
+    assert drain["deleted"]

@@ -116,7 +116,8 @@ def application(artifact: str | Path, engine: EngineOptions, server: ServerSetti
     replicas = replica_deployment(cluster, server, engine.max_batch).bind(
         str(Path(artifact).expanduser().resolve()), engine_args, asdict(server))
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", num_replicas=1,
-                               max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
+                               max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0},
+                               graceful_shutdown_timeout_s=server.shutdown_timeout_s)
     return ingress.bind(replicas, asdict(server))
 
 
