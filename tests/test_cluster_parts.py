@@ -115,3 +115,15 @@ def test_the_shipped_serve_deploy_config_is_valid():
 
     config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "deploy" / "cluster.yaml").read_text()))
     assert config.applications[0].import_path == "llmpack.runtime.serve.cluster.ray_app:build"
+
+
+def test_the_socket_check_flags_any_address_but_loopback():
+    from cluster_workload import _address, off_loopback
+
+    assert _address("0100007F:1F90") == "127.0.0.1:8080"
+    assert _address("00000000000000000000000001000000:0050") == "::1:80"
+    fine = [{"local": "127.0.0.1:6379", "remote": "127.0.0.1:40000"}, {"local": "0.0.0.0:8000", "remote": "0.0.0.0:0"},
+            {"local": "::1:80", "remote": ":::0"}, {"local": "::ffff:127.0.0.1:80", "remote": ":::0"}]
+    assert off_loopback(fine) == []
+    leaks = [{"local": "10.0.0.5:6379", "remote": "0.0.0.0:0"}, {"local": "127.0.0.1:5000", "remote": "8.8.8.8:53"}]
+    assert off_loopback(leaks) == leaks
