@@ -8,14 +8,15 @@ FUZZ_EXAMPLES ?= 300
 FUZZ_SEED ?=
 SOAK_SECONDS ?= 180
 
-.PHONY: bench-7b bench-speculate gpu-install gpu-standin bench-llama-server bench-served install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-huge-pages bench-int4-kernel bench-step-costs gpu-check clean bench bench-variants bench-peers
+.PHONY: bench-7b bench-cluster bench-speculate gpu-install gpu-standin bench-llama-server bench-served install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-huge-pages bench-int4-kernel bench-step-costs gpu-check clean bench bench-variants bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The CPU wheel of torch (on local disk here); never a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	# `cpu`: the CPU build of ONNX Runtime (pyproject: it and `gpu` are alternatives, never both).
-	$(BIN)/pip install -q -e ".[export,serve,cpu,dev]"
+	# `cluster` (ray[serve]) for the Ray Serve tests; never in the `serve` extra or the bare install.
+	$(BIN)/pip install -q -e ".[export,serve,cpu,dev,cluster]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -49,6 +50,15 @@ export-7b-shape: install
 	/usr/bin/time -v -o artifacts/export-7b-shape.time $(BIN)/llm-export build \
 	    --model artifacts/.sources/llama2-7b-shape --out artifacts/llama2-7b-shape --dtype fp16
 	grep -E "Maximum resident|Elapsed" artifacts/export-7b-shape.time
+
+# Ray Serve (the `cluster` extra): `llm-serve run` vs 1 and 2 replicas of stories260k, prefix affinity on and off
+# (~5 min here, niced). Ray runs only inside a loopback-only network namespace (root; ../shared/tools/loopback-netns,
+# else unshare): elsewhere it binds to the machine's other addresses. Writes bench/results/cluster-DATE.md.
+NETNS := $(if $(wildcard ../shared/tools/loopback-netns),../shared/tools/loopback-netns,\
+	unshare --net --fork bash -c 'ip link set lo up && exec "$$@"' netns)
+bench-cluster: install
+	$(BIN)/llm-export build --model stories260k --out artifacts/stories260k
+	RAY_USAGE_STATS_ENABLED=0 nice -n 10 $(NETNS) $(BIN)/python bench/cluster.py artifacts/stories260k
 
 # Benchmark model: random weights in the stories110M shape (hidden 768, 12 layers, vocab 32000), fp32.
 bench-model: install
