@@ -216,7 +216,7 @@ def main() -> None:
     parser.add_argument("--converter", type=Path, required=True, help="llama.cpp's convert_hf_to_gguf.py")
     parser.add_argument("--llama-quantize", type=Path, required=True)
     parser.add_argument("--llama-bench", type=Path, required=True)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="0: build what is missing and stop")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--keep-f16", action="store_true", help="keep the f16 GGUF the quantized ones are made from")
@@ -229,6 +229,9 @@ def main() -> None:
     ours = [build_llmpack(args, builds, precision) for precision, _ in PAIRS]
     contenders = [x for pair in zip(ours, build_gguf(args, builds), strict=True) for x in pair]
     contenders += [build_llmpack(args, builds, *extra.split(":")) for extra in filter(None, args.also.split(","))]
+    if args.rounds == 0:  # builds only (e.g. while the machine is busy); the rounds want it quiet
+        print("built: " + ", ".join(str(c.path) for c in contenders))
+        return
     results = run_rounds(contenders, args)
     out = write_results("bench-7b", report(contenders, results, builds, args), args.label)
     lines = [json.dumps({"name": name, "rounds": rows}) + "\n" for name, rows in results.items()]
