@@ -24,6 +24,7 @@ from llmpack.runtime.generate import FINISH_CANCELLED, FINISH_ERROR, SequenceSta
 from llmpack.runtime.manifest import DEFAULT_PREFILL_CHUNK
 from llmpack.runtime.prefix_cache import PrefixCache
 from llmpack.runtime.sampling import SamplingParams
+from llmpack.runtime.speculation import CheckCosts
 
 log = logging.getLogger("llmpack.runtime")
 
@@ -116,8 +117,7 @@ class BatchScheduler:
             log.warning("speculation off: the %s backend (or this artifact's graph) cannot check several tokens "
                         "in one step; rebuild an ort-fused artifact to use it", backend.name)
         self.proposed = self.accepted = 0  # speculated tokens checked and kept, since the start (metrics)
-        self._score_seconds: dict[int, float] = {}  # a step checking k tokens, by k (running averages)
-        self._plain_seconds: float | None = None  # a batch-1 decode step, sampling included
+        self.check_costs = CheckCosts()  # the backend passes: a check of k tokens against a batch-1 decode step
         self._waiting: deque[SequenceState] = deque()
         self._active: list[SequenceState] = []
         self._free_slots = list(range(backend.max_batch))
@@ -240,42 +240,44 @@ class BatchScheduler:
             logits = self.backend.decode([s.slot for s in ready], [s.pending for s in ready])
         except Exception as exc:  # noqa: BLE001 - any backend failure ends the sequences of this step
             return self._fail(ready, exc)
-        self.pacer.observe_decode(len(ready), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.pacer.observe_decode(len(ready), seconds)
+        if len(ready) == 1 and self.speculation is not None:  # what a speculated check is weighed against
+            self.check_costs.observe_plain(seconds)
         self._observe(len(ready))
         for row, state in enumerate(ready):
             state.advance(logits[row])
-        if len(ready) == 1:  # the whole step, sampling included: what a speculated step is weighed against
-            self._plain_seconds = smoothed(self._plain_seconds, time.perf_counter() - started)
 
     def _speculated_step(self, state: SequenceState) -> bool:
         """Check the sequence's proposal in one step (the pending token + k proposed, every position's
         logits), keep what is accepted and drop the rest from the cache; False: no proposal, decode."""
-        if self._plain_seconds is None:
+        if not self.check_costs.plain_measured:
             return False  # a plain step first: what a check costs is judged against it
         proposal = state.proposal(self._relative_score_cost)
         if not proposal:
             return False
         cached = self.backend.cached_tokens(state.slot)
-        started = time.perf_counter()
         try:
+            started = time.perf_counter()
             rows = self.speculation.score(state.slot, [state.pending, *proposal])
+            seconds = time.perf_counter() - started
             accepted = state.advance_speculated(rows, proposal)
             self.speculation.truncate(state.slot, cached + 1 + accepted)
         except Exception as exc:  # noqa: BLE001 - any backend failure ends only this sequence
             self._fail([state], exc)
             return True
-        # The whole step, each checked position's sampling included (on a small model that is half of it)
-        self._score_seconds[len(proposal)] = smoothed(self._score_seconds.get(len(proposal)),
-                                                      time.perf_counter() - started)
+        # The backend's pass alone, like _plain_seconds: handing out a token costs the same whether a check or
+        # a decode step chose it, so only the passes decide whether checking k tokens pays (timing the whole
+        # step charged the check for the tokens it won: on stories260k that halted speculation where it paid).
+        self.check_costs.observe_check(len(proposal), seconds)
         state.proposal_length.update(len(proposal), accepted)
         self.proposed, self.accepted = self.proposed + len(proposal), self.accepted + accepted
         self._observe(1)
         return True
 
     def _relative_score_cost(self, k: int) -> float | None:
-        """A step checking k speculated tokens over a batch-1 decode step, as measured here (None: not yet)."""
-        score = self._score_seconds.get(k)
-        return None if self._plain_seconds is None or score is None else score / self._plain_seconds
+        """A check of k speculated tokens over a batch-1 decode step, as measured here (None: not yet)."""
+        return self.check_costs.relative(k)
 
     def _mixed_step(self, reading: SequenceState, ready: list[SequenceState]) -> None:
         chunk = self._next_chunk(reading, decoding=len(ready))

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from llmpack.runtime.sampling import SamplingParams, candidate_weights
-from llmpack.runtime.speculation import NgramProposer, ProposalLength, accept_token, best_k, expected_tokens
+from llmpack.runtime.speculation import (
+    CheckCosts,
+    NgramProposer,
+    ProposalLength,
+    accept_token,
+    best_k,
+    expected_tokens,
+    greedy_choices,
+)
 
 CHI2_999 = {3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}  # chi-square quantile 0.999 by degrees of freedom
 
@@ -110,18 +118,47 @@ def test_k_is_chosen_by_tokens_per_unit_of_step_time():
     assert best_k(0.5, 4, lambda k: None) == 4  # not measured yet: tried, so that it gets measured
 
 
-def test_proposal_length_follows_acceptance_and_pauses_when_nothing_pays():
-    length = ProposalLength(k_max=4, patience=2, pause=3, k=2)
-    length.update(2, 2)
-    length.update(3, 3)
+def test_check_costs_shrug_off_one_preempted_pass_and_bound_the_ks_not_measured():
+    """A running mean once took one 50x pass for the cost of k = 2 and never tried k = 2 again; a median does not."""
+    costs = CheckCosts()
+    assert costs.relative(2) is None and not costs.plain_measured
+    for seconds in (1e-3, 1e-3, 1.1e-3):
+        costs.observe_plain(seconds)
+    for seconds in (5e-2, 1.2e-3, 1.2e-3):  # the first pass: a binding built, or the process preempted
+        costs.observe_check(2, seconds)
+    assert costs.relative(2) == pytest.approx(1.2)
+    assert costs.relative(4) == pytest.approx(1.2)  # at least what a narrower check costs: tried, then measured
+    assert costs.relative(1) == pytest.approx(1.1)  # between a decode step and k = 2
+    costs.observe_check(3, 1e-3)
+    assert costs.relative(3) == pytest.approx(1.2)  # one pass is not a measurement yet
+
+
+def test_greedy_choices_are_the_per_position_draws_or_nothing():
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(5, 40)).astype(np.float32)
+    greedy = SamplingParams(temperature=0)
+    one_by_one = [accept_token(row, greedy, 0, rng)[1] for row in rows]
+    assert greedy_choices(rows, greedy).tolist() == one_by_one
+    # whatever the history or a per-token choice changes goes through each position's processed scores
+    for params in (SamplingParams(temperature=0, repetition_penalty=1.1), SamplingParams(temperature=0.7),
+                   SamplingParams(temperature=0, logit_bias=((3, 5.0),)), SamplingParams(temperature=0, top_logprobs=2)):
+        assert greedy_choices(rows, params) is None
+    rows[2, 7] = np.nan  # processed_scores maps it to the lowest score; argmax would pick it
+    assert greedy_choices(rows, greedy) is None
+
+
+def test_proposal_length_estimates_the_per_position_rate_and_pauses_when_nothing_pays():
+    length = ProposalLength(k_max=4, patience=2, pause=3, rate=0.5)
     assert length.next_k() == 4
-    length.update(4, 4)
-    assert length.next_k() == 4  # capped at k_max
-    length.update(4, 1)
-    assert length.next_k() == 2  # mostly rejected: halved
+    for _ in range(30):
+        length.update(4, 1)  # one kept, then a rejection: two positions tested, one accepted
+    assert length.rate == pytest.approx(0.5, abs=1e-3)
+    for _ in range(30):
+        length.update(4, 4)  # every position tested was accepted
+    assert length.rate > 0.99
     length.update(2, 0)
     length.update(2, 0)  # two proposals in a row gained nothing: pause
-    assert [length.next_k() for _ in range(4)] == [0, 0, 0, 1]
+    assert [length.next_k() for _ in range(4)] == [0, 0, 0, 4]
     assert length.rate < 0.5  # the misses pulled the acceptance rate down
 
 
@@ -341,7 +378,10 @@ def test_speculation_stops_where_the_measured_check_costs_more_than_it_saves():
         answer = TokenStream(prompt)
         slow.submit(answer, 60, greedy, stop_ids=[])
         assert list(answer) == list(expected)
-        assert 0 < slow.proposed <= 12  # a few checks, each measured; then plain decode steps only
+        # A few checks until the median of MIN_SAMPLES says it: k = 2, 3, then 4 as every proposal is kept
+        # (2 + 3 + 3 x 4 = 17), wider ones bounded by the narrower; then plain decode steps only (never stopping:
+        # over 40 of the 60 tokens would be proposed).
+        assert 0 < slow.proposed <= 20
     finally:
         plain.close()
         slow.close()
