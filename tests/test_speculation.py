@@ -165,15 +165,18 @@ def test_proposal_length_estimates_the_per_position_rate_and_pauses_when_nothing
 # --- the backend half: one step checks k tokens, and the rejected ones leave the cache ----------------------
 
 
-def open_fused(artifact, max_batch: int = 2):
+def open_cpu(artifact, max_batch: int = 2):
     from llmpack.runtime.artifact import open_artifact, open_backend
 
     return open_backend(open_artifact(artifact), "cpu", max_batch=max_batch)
 
 
-@pytest.mark.parametrize("which", ["fused_stories", "fused_tiny"])
+CPU_ARTIFACTS = ["fused_stories", "fused_tiny", "stories_artifact", "demo_artifact"]  # ort-fused, then standard
+
+
+@pytest.mark.parametrize("which", CPU_ARTIFACTS)
 def test_score_gives_every_fed_positions_logits_as_decoding_them_one_by_one(request, which):
-    backend = open_fused(request.getfixturevalue(which))
+    backend = open_cpu(request.getfixturevalue(which))
     prompt, fed = [1, 45, 67, 89, 23, 11], [34, 56, 78, 90]
     backend.prefill(0, prompt)
     scored = backend.score(0, fed)
@@ -185,8 +188,10 @@ def test_score_gives_every_fed_positions_logits_as_decoding_them_one_by_one(requ
     assert backend.cached_tokens(0) == backend.cached_tokens(1) == len(prompt) + len(fed)
 
 
-def test_truncating_the_rejected_tokens_leaves_the_cache_of_a_sequence_that_never_saw_them(fused_tiny):
-    backend = open_fused(fused_tiny)
+@pytest.mark.parametrize("which", ["fused_tiny", "demo_artifact"])
+def test_truncating_the_rejected_tokens_leaves_the_cache_of_a_sequence_that_never_saw_them(request, which):
+    """ort-fused: the in-place cache's length goes back; standard graph: the present is cut."""
+    backend = open_cpu(request.getfixturevalue(which))
     prompt = [1, 5, 9, 13, 17]
     backend.prefill(0, prompt)
     backend.score(0, [21, 25, 29, 33])  # 21 and 25 accepted, 29 and 33 rejected
@@ -204,7 +209,7 @@ def test_truncating_the_rejected_tokens_leaves_the_cache_of_a_sequence_that_neve
 
 def test_a_mixed_step_after_speculation_still_works(fused_tiny):
     """mixed.onnx has no num_logits input: the rewrite drops it, and a mixed step runs beside scored slots."""
-    backend = open_fused(fused_tiny, max_batch=3)
+    backend = open_cpu(fused_tiny, max_batch=3)
     assert backend.can_score and backend.can_mix
     backend.prefill(0, [1, 2, 3])
     backend.score(0, [4, 5])
@@ -238,9 +243,10 @@ def answers(eng, prompts, max_tokens: int, sampling) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 7, 120])
-def test_greedy_with_speculation_is_token_identical_on_stories260k(fused_stories, max_tokens):
-    greedy = SamplingParams(temperature=0)
-    off, on = engine(fused_stories, "off"), engine(fused_stories, "ngram")
+@pytest.mark.parametrize("which", ["fused_stories", "stories_artifact"])
+def test_greedy_with_speculation_is_token_identical_on_stories260k(request, which, max_tokens):
+    greedy, artifact = SamplingParams(temperature=0), request.getfixturevalue(which)
+    off, on = engine(artifact, "off"), engine(artifact, "ngram")
     try:
         assert answers(on, STORY_PROMPTS, max_tokens, greedy) == answers(off, STORY_PROMPTS, max_tokens, greedy)
         if max_tokens == 120:  # the stories repeat names and phrases: proposals were made and kept
