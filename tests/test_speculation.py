@@ -341,6 +341,41 @@ class MarkovBackend:
         self.tokens = []
 
 
+class CycleBackend(MarkovBackend):
+    """Greedy walks a fixed cycle of token ids (each id's logits peak at the next one): the text repeats, so
+    proposals are made and accepted in bursts of several tokens."""
+
+    def __init__(self, cycle: list[int], vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.table = np.zeros((vocab_size, vocab_size), np.float32)
+        for token, following in zip(cycle, [*cycle[1:], cycle[0]]):
+            self.table[token, following] = 5.0
+
+
+def test_streamed_text_with_speculation_splits_no_character(stories_tokenizer):
+    """stories260k's tokenizer spells ☕ and é as byte tokens; checks that accept several at once still stream
+    the same whole-character pieces as plain decoding."""
+    from llmpack.runtime.batch_scheduler import BatchScheduler
+    from llmpack.runtime.generate import TextStream, TokenStream
+
+    cycle = stories_tokenizer.encode("☕é")
+    assert len(set(cycle)) == len(cycle) >= 5  # distinct byte tokens: the next one follows from the last alone
+    pieces = {}
+    for speculate in (False, True):
+        scheduler = BatchScheduler(CycleBackend(cycle, 512), speculate=speculate)
+        scheduler._relative_score_cost = lambda k: 1.0
+        try:
+            tokens = TokenStream([1, *cycle, *cycle])
+            scheduler.submit(tokens, 60, SamplingParams(temperature=0), stop_ids=[])
+            pieces[speculate] = list(TextStream(tokens, stories_tokenizer))
+            assert scheduler.accepted > 20 if speculate else scheduler.speculation is None
+        finally:
+            scheduler.close()
+    assert pieces[True] == pieces[False]
+    assert "☕" in "".join(pieces[True]) and not any("\ufffd" in piece for piece in pieces[True])
+
+
 def test_sampled_answers_follow_the_same_distribution_with_and_without_speculation():
     """Many seeds over a cyclic prompt (proposals at nearly every step): the 4-token answers' counts with
     speculation and without come from one distribution (chi-square homogeneity, fixed seeds: deterministic)."""
