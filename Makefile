@@ -8,14 +8,15 @@ FUZZ_EXAMPLES ?= 300
 FUZZ_SEED ?=
 SOAK_SECONDS ?= 180
 
-.PHONY: bench-speculate gpu-install gpu-standin bench-llama-server bench-served install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-huge-pages bench-int4-kernel bench-step-costs gpu-check clean bench bench-variants bench-peers
+.PHONY: bench-7b bench-cluster bench-speculate gpu-install gpu-standin bench-llama-server bench-served install demo test fuzz soak export-7b-shape bench-model bench-decode-paths bench-serve bench-chat bench-huge-pages bench-int4-kernel bench-step-costs gpu-check clean bench bench-variants bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The CPU wheel of torch (on local disk here); never a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	# `cpu`: the CPU build of ONNX Runtime (pyproject: it and `gpu` are alternatives, never both).
-	$(BIN)/pip install -q -e ".[export,serve,cpu,dev]"
+	# `cluster` (ray[serve]) for the Ray Serve tests; never in the `serve` extra or the bare install.
+	$(BIN)/pip install -q -e ".[export,serve,cpu,dev,cluster]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -49,6 +50,15 @@ export-7b-shape: install
 	/usr/bin/time -v -o artifacts/export-7b-shape.time $(BIN)/llm-export build \
 	    --model artifacts/.sources/llama2-7b-shape --out artifacts/llama2-7b-shape --dtype fp16
 	grep -E "Maximum resident|Elapsed" artifacts/export-7b-shape.time
+
+# Ray Serve (the `cluster` extra): `llm-serve run` vs 1 and 2 replicas of stories260k, prefix affinity on and off
+# (~5 min here, niced). Ray runs only inside a loopback-only network namespace (root; ../shared/tools/loopback-netns,
+# else unshare): elsewhere it binds to the machine's other addresses. Writes bench/results/cluster-DATE.md.
+NETNS := $(if $(wildcard ../shared/tools/loopback-netns),../shared/tools/loopback-netns,\
+	unshare --net --fork bash -c 'ip link set lo up && exec "$$@"' netns)
+bench-cluster: install
+	$(BIN)/llm-export build --model stories260k --out artifacts/stories260k
+	RAY_USAGE_STATS_ENABLED=0 nice -n 10 $(NETNS) $(BIN)/python bench/cluster.py artifacts/stories260k
 
 # Benchmark model: random weights in the stories110M shape (hidden 768, 12 layers, vocab 32000), fp32.
 bench-model: install
@@ -178,13 +188,14 @@ $(LLAMACPP_STAMP): $(LLAMACPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py
 # the prebuilt one comes from a hub at configure time), no OpenSSL; ~10 min on 2 cores, niced.
 LLAMA_SERVER := $(PEERS)/llamacpp-build/bin/llama-server
 LLAMA_QUANTIZE := $(PEERS)/llamacpp-build/bin/llama-quantize
+LLAMA_BENCH := $(PEERS)/llamacpp-build/bin/llama-bench
 
-$(LLAMA_SERVER) $(LLAMA_QUANTIZE) &: $(LLAMACPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py
+$(LLAMA_SERVER) $(LLAMA_QUANTIZE) $(LLAMA_BENCH) &: $(LLAMACPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py
 	cmake -S $(LLAMACPP_SRC)/vendor/llama.cpp -B $(PEERS)/llamacpp-build -DCMAKE_BUILD_TYPE=Release \
 	    -DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_OPENMP=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
 	    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF > /dev/null
-	nice -n 19 cmake --build $(PEERS)/llamacpp-build --target llama-server llama-quantize -j 2 > /dev/null
-	touch $(LLAMA_SERVER) $(LLAMA_QUANTIZE)
+	nice -n 19 cmake --build $(PEERS)/llamacpp-build --target llama-server llama-quantize llama-bench -j 2 > /dev/null
+	touch $(LLAMA_SERVER) $(LLAMA_QUANTIZE) $(LLAMA_BENCH)
 
 bench-llama-server: $(LLAMA_SERVER)
 
@@ -255,6 +266,20 @@ bench-peers: $(GENAI) $(LLAMACPP_GGUF) $(OPTIMUM_MODEL)/model.onnx bench-model
 	for p in fp32 int8 int4; do test -f $(PEERS)/models/genai-110m-$$p/model.onnx || \
 	    $(GENAI) -m onnxruntime_genai.models.builder -i $(PEERS)/src-110m -o $(PEERS)/models/genai-110m-$$p \
 	        -p $$p -e cpu -c $(PEERS)/cache || exit 1; done
+
+# The real size (issue: read fewer bytes per token than llama.cpp q4_0): the random-weight Llama-2-7B-shape checkpoint
+# (made if absent, fp16), llmpack int4 / int8 with default options (+ int4 block 32, what --block-size auto replaced),
+# llama.cpp q4_0 / q8_0 by its own converter and quantizer, then BENCH_7B_ROUNDS alternating rounds: llm-serve bench
+# against llama.cpp's own llama-bench. Writes bench/results/bench-7b-<date>.md. Disk: ~13.5 GB checkpoint +
+# ~15.5 GB llmpack artifacts + ~11 GB GGUFs kept, and 13.5 GB more while the f16 GGUF exists (deleted after
+# quantizing): ~55 GB at the peak. Time here: ~10 min of builds, then ~6 min a round.
+BENCH_7B_ROUNDS ?= 3
+SRC_7B := artifacts/.sources/llama2-7b-shape
+
+bench-7b: install $(LLAMA_BENCH) $(LLAMA_QUANTIZE)
+	$(BIN)/python -m llmpack.export.random_checkpoint --shape llama2-7b --dtype float16 --out $(SRC_7B)
+	$(BIN)/python bench/bench_7b.py --source $(SRC_7B) --converter $(LLAMACPP_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	    --llama-quantize $(LLAMA_QUANTIZE) --llama-bench $(LLAMA_BENCH) --rounds $(BENCH_7B_ROUNDS)
 
 bench: bench-variants bench-peers
 	$(BIN)/python bench/run_all.py

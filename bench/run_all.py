@@ -173,7 +173,7 @@ def report(table: dict[str, dict], loads: list[float], args) -> list[str]:
 
 
 def weight_bytes() -> dict[str, int]:
-    from llmpack.cli.bench_cmd import linear_weight_bytes
+    from llmpack.runtime.backends.mlas_layout import linear_weight_bytes
     from llmpack.runtime.manifest import QuantInfo, read_manifest
 
     manifest = read_manifest(REPO / "artifacts" / "bench-110m")

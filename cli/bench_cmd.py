@@ -14,18 +14,8 @@ import click
 
 from llmpack.cli import bench_workload as workload
 from llmpack.cli.common import translate_errors
+from llmpack.runtime.backends.mlas_layout import linear_weight_bytes
 from llmpack.runtime.engine import SPECULATION_MODES, EngineOptions
-
-
-def linear_weight_bytes(manifest) -> int:
-    """Bytes of Linear weights (head included) one decode step reads: what bounds batch-1 decode speed."""
-    params = manifest.config.linear_parameters
-    quant = manifest.quant
-    if quant is None:
-        return params * (2 if manifest.dtype == "fp16" else 4)
-    blocks = params // quant.block_size
-    zero_points = 0 if quant.symmetric else blocks * quant.bits // 8
-    return params * quant.bits // 8 + blocks * 4 + zero_points  # codes + fp32 scales (+ zero points)
 
 
 def describe(manifest) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llmpack.runtime.backends.fused_interface import has_mixed_graph
+from llmpack.runtime.backends.mlas_layout import linear_weight_bytes, streamed_bits_per_weight
 from llmpack.runtime.manifest import BuildManifest, TensorSpec
 
 
@@ -30,6 +31,9 @@ def _optional_sections(m: BuildManifest) -> list[str]:
         q = m.quant
         lines.append(f"quant         {q.method}: {q.bits}-bit weights, block {q.block_size}, accuracy level "
                      f"{q.accuracy_level}, {'symmetric' if q.symmetric else 'with zero points'}")
+        bits = streamed_bits_per_weight(q.bits, q.block_size, q.accuracy_level, q.symmetric)
+        lines.append(f"              read per token on the CPU: {bits:.2f} bits per weight as ONNX Runtime holds them, "
+                     f"{_size(linear_weight_bytes(m))} of Linear weights")
     if m.engine is not None:
         e = m.engine
         lines.append(f"engine        TensorRT {e.tensorrt_version} for {e.gpu_name} (compute {e.compute_capability}), "

@@ -127,11 +127,15 @@ def load_engine(artifact: Path, max_batch: int = 1, chat_format=None):
     from llmpack.runtime.engine import Engine
     from llmpack.runtime.serve.protocol import ENGINE_LIMITS
 
+    return Engine.load(artifact, chosen_engine_options(max_batch, **ENGINE_LIMITS), chat_format)
+
+
+def chosen_engine_options(max_batch: int, **more) -> EngineOptions:
+    """EngineOptions from the engine option group given on the command line."""
     chosen = click.get_current_context().meta.get(ENGINE_KEY, {})
     given = {name: value for name, value in chosen.items() if name != "no_verify_checksums"}
-    options = EngineOptions(**given, verify_checksums=not chosen.get("no_verify_checksums", False),
-                            max_batch=max_batch, **ENGINE_LIMITS)
-    return Engine.load(artifact, options, chat_format)
+    return EngineOptions(**given, verify_checksums=not chosen.get("no_verify_checksums", False),
+                         max_batch=max_batch, **more)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -231,4 +235,7 @@ def run(artifact, host, port, api_key, max_queue, max_body_bytes, stream_padding
     logging.getLogger("llmpack.server").info("stopped")
 
 
+from llmpack.cli.cluster_cmd import cluster  # last: it reuses this module's option groups
+
 main.add_command(bench)
+main.add_command(cluster)

@@ -28,9 +28,9 @@ from llmpack.export.demo import demo_cache_dir, write_demo_checkpoint
 from llmpack.export.fused_graph import write_fused_graph
 from llmpack.export.graph import OPSET, write_decoder_graph
 from llmpack.export.mixed_graph import write_mixed_graph
-from llmpack.export.options import DTYPES, BuildOptions, resolve_graph
+from llmpack.export.options import DTYPES, BuildOptions, resolve_block_size, resolve_graph
 from llmpack.export.progress import digest_files
-from llmpack.export.quantize import ACCURACY_LEVELS, BLOCK_SIZES, QUANT_BITS
+from llmpack.export.quantize import ACCURACY_LEVELS, AUTO_BLOCK, BLOCK_SIZES, LARGE_MODEL_LINEAR_WEIGHTS, QUANT_BITS
 from llmpack.runtime import __version__
 from llmpack.runtime import manifest as names
 from llmpack.runtime.backends import fused_interface as fused
@@ -136,8 +136,13 @@ def build_lock(out: Path):
         yield
 
 
-def _check_disk(checkpoint: Checkpoint, folder: Path, dtype: str) -> None:
-    needed = checkpoint.config.parameters * (2 if dtype == "fp16" else 4) * 1.05
+def _check_disk(checkpoint: Checkpoint, folder: Path, options: BuildOptions) -> None:
+    config, width, quant = checkpoint.config, 2 if options.dtype == "fp16" else 4, options.quant_spec
+    if quant.enabled:  # the Linears quantized, the embedding table kept in the activation dtype
+        size = config.linear_parameters * quant.file_bits_per_weight / 8 + config.vocab_size * config.hidden_size * width
+    else:
+        size = config.parameters * width
+    needed = size * 1.05
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise BuildError(
@@ -236,11 +241,20 @@ def _check_graph_options(options: BuildOptions) -> None:
         raise BuildError(f"--graph {options.graph} is not supported; choose one of {', '.join(fused.FLAVOURS)}")
     if options.quant not in QUANT_BITS:
         raise BuildError(f"--quant {options.quant} is not supported; choose one of {', '.join(QUANT_BITS)}")
-    if options.block_size not in BLOCK_SIZES or options.accuracy_level not in ACCURACY_LEVELS:
-        raise BuildError(f"--block-size must be one of {BLOCK_SIZES} and --accuracy-level one of {ACCURACY_LEVELS}")
+    if options.block_size not in (AUTO_BLOCK, *BLOCK_SIZES) or options.accuracy_level not in ACCURACY_LEVELS:
+        raise BuildError(f"--block-size must be {AUTO_BLOCK} or one of {BLOCK_SIZES} and --accuracy-level one of "
+                         f"{ACCURACY_LEVELS}")
     if options.dtype != "fp32" and (options.quant != "none" or options.graph != fused.STANDARD):
         raise BuildError("--quant and --graph ort-fused build fp32 activations (ONNX Runtime on the CPU); "
                          "use --dtype fp32")
+
+
+def _resolved_block_size(options: BuildOptions, checkpoint: Checkpoint) -> BuildOptions:
+    resolved = resolve_block_size(options, checkpoint.config.linear_parameters)
+    if options.block_size == AUTO_BLOCK and options.quant != "none":
+        log.info("--block-size auto: block %d for %.2f B Linear weights (128 from %.0f B on, else 32)",
+                 resolved.block_size, checkpoint.config.linear_parameters / 1e9, LARGE_MODEL_LINEAR_WEIGHTS / 1e9)
+    return resolved
 
 
 def build(options: BuildOptions) -> BuildResult:
@@ -252,6 +266,7 @@ def build(options: BuildOptions) -> BuildResult:
         raise BuildError(f"--max-context must be at least 2, got {options.max_context}")
     out = Path(options.out).expanduser().resolve()
     checkpoint = open_checkpoint(resolve_source(options.model))
+    options = _resolved_block_size(options, checkpoint)
     max_context = context_for(options, checkpoint)
     with build_lock(out):
         existing = _existing_manifest(out)
@@ -262,7 +277,7 @@ def build(options: BuildOptions) -> BuildResult:
             log.info("artifact %s is up to date (same weights and options); reusing it, --force rebuilds", out)
             return BuildResult(out, existing, reused=True)
         _remove_stale_staging(out)
-        _check_disk(checkpoint, out.parent, options.dtype)
+        _check_disk(checkpoint, out.parent, options)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
         staging.chmod(0o755)  # mkdtemp's 0700 would make the deployed artifact private to the builder
         try:

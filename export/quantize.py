@@ -16,6 +16,16 @@ import numpy as np
 
 QUANT_BITS = {"none": 0, "int8": 8, "int4": 4}
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+AUTO_BLOCK = "auto"  # `--block-size auto`: auto_block_size below picks by the model's size
+# From this many Linear weights on, a batch-1 decode step streams them from DRAM (they are far larger than any
+# cache), so the bytes per weight set its speed. Measured at the two ends (docs/performance.md, "Block size"):
+# Llama-2-7B shape, block 128 vs 32: 4.5 vs 6 bits held per int4 weight (runtime/backends/mlas_layout.py), the
+# kernel 1.10-1.20x and whole decode 1.04x faster, peak RSS 4.1 vs 5.8 GiB; the 110M shape: no speed gain
+# (0.97-1.03x) while stories260k's int4 KL grows 0.091 -> 0.106. Group 128 is also the usual 4-bit group at
+# 7B (GPTQ's and AWQ's default). Between the two ends nothing was measured: the line sits at 1 B, below
+# TinyLlama-1.1B and Llama-3.2-1B.
+LARGE_MODEL_LINEAR_WEIGHTS = 1_000_000_000
+SMALL_MODEL_BLOCK, LARGE_MODEL_BLOCK = 32, 128
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
 CONTRIB_DOMAIN = "com.microsoft"
 
@@ -34,6 +44,11 @@ class QuantSpec:
         return self.bits > 0
 
     @property
+    def file_bits_per_weight(self) -> float:
+        """Bits each quantized weight takes in model.onnx.data: codes, fp32 scales, packed zero points."""
+        return self.bits + (32 + (0 if self.symmetric else self.bits)) / self.block_size
+
+    @property
     def name(self) -> str:
         return next(k for k, v in QUANT_BITS.items() if v == self.bits)
 
@@ -45,6 +60,11 @@ class QuantizedWeight:
     zero_points: np.ndarray | None  # uint8, packed; None when symmetric
     k: int
     n: int
+
+
+def auto_block_size(linear_weights: int) -> int:
+    """The block `--block-size auto` picks for a model with this many Linear weights (head included)."""
+    return LARGE_MODEL_BLOCK if linear_weights >= LARGE_MODEL_LINEAR_WEIGHTS else SMALL_MODEL_BLOCK
 
 
 def _blocks(weight: np.ndarray, block_size: int) -> np.ndarray:

@@ -55,6 +55,10 @@ def test_graph_auto_is_fused_on_the_cpu_and_standard_for_tensorrt(tmp_path):
     assert "built; ort-fused graph, int4 weights (block 32), fp32 activations, context 3072" in built.output
     shown = runner.invoke(main, ["inspect", str(tmp_path / "q")])
     assert "graph ort-fused" in shown.output and "int4: 4-bit weights, block 32" in shown.output
+    assert "6.25 bits per weight as ONNX Runtime holds them" in shown.output  # --block-size auto: small model
+    again = runner.invoke(main, ["build", "--model", "demo", "--out", str(tmp_path / "q"), "--quant", "int4",
+                                 "--block-size", "32"])
+    assert "up to date" in again.output  # auto resolved to 32 is the same build as an explicit 32
     auto = BuildOptions(model="demo", out=tmp_path / "x")
     assert resolve_graph(auto).graph == "ort-fused"
     assert resolve_graph(auto, for_tensorrt=True).graph == "standard"

@@ -165,6 +165,20 @@ def test_too_little_free_space_is_refused_up_front(tmp_path, tiny_sources, monke
         build(BuildOptions(model=str(tiny_sources["fp32"]), out=tmp_path / "art", graph="standard"))
 
 
+def test_a_quantized_build_asks_for_the_space_its_artifact_takes(tmp_path, monkeypatch):
+    """A 7B int4 artifact is ~4 GB: the up-front check must not ask for the fp32 model's 27 GB."""
+    plain = build(BuildOptions(model="demo", out=tmp_path / "fp32", graph="ort-fused")).path
+    int4 = build(BuildOptions(model="demo", out=tmp_path / "int4", graph="ort-fused", quant="int4")).path
+    sizes = {path.name: sum(f.stat().st_size for f in path.iterdir()) for path in (plain, int4)}
+    free = (sizes["fp32"] + sizes["int4"]) // 2  # enough for the int4 artifact, not for the fp32 one
+    assert sizes["int4"] * 1.3 < free
+    monkeypatch.setattr(build_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(free, 0, free))
+    assert not build(BuildOptions(model="demo", out=tmp_path / "int4", graph="ort-fused", quant="int4",
+                                  force=True)).reused
+    with pytest.raises(BuildError, match="not enough disk space"):
+        build(BuildOptions(model="demo", out=tmp_path / "fp32", graph="ort-fused", force=True))
+
+
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -13,7 +13,7 @@ SERVE_WITHOUT_TORCH = """
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers', 'onnx', 'safetensors'):
+        if name.split('.')[0] in ('torch', 'transformers', 'onnx', 'safetensors', 'ray'):
             raise ImportError(f'serving must not import {name}')
 sys.meta_path.insert(0, Block())
 from llmpack.runtime.engine import Engine
@@ -112,7 +112,7 @@ def test_cpu_and_gpu_are_declared_alternatives_and_the_commands_pick_one():
     assert gpu["tensorrt-cu13"].endswith("==10.13.3.9") and "tensorrt" not in gpu  # the CUDA 13 wheel, by name
     assert "nvidia-cudnn-cu13" in gpu  # ONNX Runtime's CUDA provider needs cuDNN 9
     makefile = (REPO / "Makefile").read_text()
-    assert '-e ".[export,serve,cpu,dev]"' in makefile and '-e ".[export,serve,gpu]"' in makefile
+    assert '-e ".[export,serve,cpu,dev,cluster]"' in makefile and '-e ".[export,serve,gpu]"' in makefile
     rule = next(line for line in makefile.splitlines() if line.startswith("gpu-check:"))
     assert rule.split(":")[1].split() == ["gpu-install"]  # never `make install`'s CPU wheels
     for doc in ("README.md", "docs/gpu.md", "Makefile"):
@@ -121,3 +121,29 @@ def test_cpu_and_gpu_are_declared_alternatives_and_the_commands_pick_one():
                     for extras in re.findall(r"\[([a-z,]+)\]", line)]
         assert installs and not [x for x in installs if {"cpu", "gpu"} <= x], doc  # one ONNX Runtime per command
         assert {"export", "serve", "gpu"} in installs, doc
+
+
+# --- the `cluster` extra (Ray Serve, issue 18) ------------------------------------------------------------
+
+
+def test_ray_comes_only_with_the_cluster_extra_pinned_exactly():
+    import tomllib
+    from importlib import metadata
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = pyproject["optional-dependencies"]
+    assert extras["cluster"] == ["ray[serve]==2.60.0"]  # the router is imported by ray.llm's module path
+    for name, requirements in {"bare": pyproject["dependencies"], **extras}.items():
+        if name in ("cluster", "dev"):
+            continue
+        pulled = _pulled({_name(r) for r in requirements}, metadata.requires)
+        assert "ray" not in pulled, f"{name} pulls ray"
+    assert "cluster" in (REPO / "Makefile").read_text().split("install -q -e")[1].split("]")[0]
+
+
+def test_the_cluster_modules_alone_import_ray():
+    import re
+
+    for path in [*(REPO / "runtime").rglob("*.py"), *(REPO / "cli").glob("*.py")]:
+        imports_ray = re.search(r"^\s*(from ray[. ]|import ray\b)", path.read_text(), re.MULTILINE)
+        assert not imports_ray or path.parent.name == "cluster" or path.name == "cluster_cmd.py", path

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from llmpack.export.build import BuildOptions, build, resolve_source
 from llmpack.export.quality import THRESHOLDS, compare
-from llmpack.export.quantize import QuantSpec, dequantize, pack, quantize, unpack
+from llmpack.export.quantize import QuantSpec, auto_block_size, dequantize, pack, quantize, unpack
 from llmpack.export.verify import verify
 from llmpack.runtime import manifest as names
 from llmpack.runtime.artifact import open_artifact
@@ -112,6 +112,33 @@ def test_manifest_round_trip_of_quant_and_flavour(tmp_path, stories_dir):
     assert old.quant is None and old.graph_flavour == "standard"
     # different quant settings are a different build, never a reuse of this one
     assert not build(BuildOptions(**{**options.__dict__, "block_size": 32})).reused
+
+
+def test_block_size_auto_follows_the_model_size(tmp_path):
+    from llmpack.export.options import resolve_block_size
+    from llmpack.export.random_checkpoint import SHAPES
+    from llmpack.runtime.manifest import ModelConfig
+
+    def config(shape: dict) -> ModelConfig:
+        heads = shape["num_attention_heads"]
+        return ModelConfig(shape["vocab_size"], shape["hidden_size"], shape["intermediate_size"],
+                           shape["num_hidden_layers"], heads, shape["num_key_value_heads"],
+                           shape["hidden_size"] // heads, 1e-5, 1e4, 4096, False)
+
+    llama2_7b, stories110m = config(SHAPES["llama2-7b"]), config(SHAPES["stories110m"])
+    assert auto_block_size(llama2_7b.linear_parameters) == 128  # 6.6 B Linear weights: decode streams them
+    assert auto_block_size(stories110m.linear_parameters) == 32
+    assert auto_block_size(10**9) == 128 and auto_block_size(10**9 - 1) == 32
+    auto = BuildOptions(model="demo", out=tmp_path, quant="int4")
+    assert auto.block_size == "auto"
+    with pytest.raises(ValueError, match="resolve_block_size"):
+        auto.quant_spec  # an unresolved "auto" never reaches the build key or the graph
+    assert resolve_block_size(auto, llama2_7b.linear_parameters).quant_spec.block_size == 128
+    explicit = BuildOptions(model="demo", out=tmp_path, quant="int4", block_size=64)
+    assert resolve_block_size(explicit, llama2_7b.linear_parameters).block_size == 64
+    # unquantized builds keep the block their build key always had, whatever the model's size
+    plain = BuildOptions(model="demo", out=tmp_path)
+    assert resolve_block_size(plain, llama2_7b.linear_parameters).quant_spec.block_size == 32
 
 
 def test_bad_quant_options_are_refused(tmp_path):

@@ -1,0 +1,1 @@
+"""Serve wing, cluster part: the same app on many Ray Serve replicas (ray is imported only in this package)."""
