@@ -123,6 +123,7 @@ class BatchScheduler:
         self._free_slots = list(range(backend.max_batch))
         self._cond = threading.Condition()
         self._stopping = False
+        self.halted: str | None = None  # set when the loop stopped on an internal error: why, for /ready and submit
         self._thread: threading.Thread | None = None
         self.on_step: Callable[[int], None] | None = None  # an observer of each step's decoded rows (metrics)
 
@@ -142,7 +143,7 @@ class BatchScheduler:
         sink.on_cancel = self._wake
         with self._cond:
             if self._stopping:
-                raise BackendError("the engine is shutting down; retry on another instance")
+                raise BackendError(self.halted or "the engine is shutting down; retry on another instance")
             self._waiting.append(state)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="llmpack-batch", daemon=True)
@@ -173,9 +174,24 @@ class BatchScheduler:
                     return
                 self._drop_cancelled_waiting()
                 self._admit()
-            self._release_finished()
-            self._step()
-            self._release_finished()
+            try:
+                self._release_finished()
+                self._step()
+                self._release_finished()
+            except Exception as exc:  # noqa: BLE001 - a bug outside the backend calls must end requests, not hang them
+                self._halt(exc)
+                return
+
+    def _halt(self, exc: Exception) -> None:
+        """The loop itself failed (the backend's own failures end only their sequences, in _step): every request
+        ends with an error now, new ones are refused, and /ready turns false so an orchestrator restarts us."""
+        with self._cond:
+            self._stopping = True
+            self.halted = "the engine stopped after an internal error; restart the server (its log has the details)"
+            states = [*self._waiting, *self._active]
+            self._waiting.clear()
+        self._fail(states, BackendError(self.halted))
+        log.error("the batch loop stopped: %s", exc, exc_info=exc)
 
     def _drop_cancelled_waiting(self) -> None:
         if any(state.sink.cancelled.is_set() for state in self._waiting):
