@@ -103,7 +103,7 @@ bench-speculate: bench-model
 	for q in fp32 int4; do $(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-$$q \
 	    --graph ort-fused $$( [ $$q = fp32 ] || echo --quant $$q ) || exit 1; done
 	$(BIN)/python bench/speculation.py --acceptance artifacts/stories260k \
-	    --cost artifacts/bench-110m-fused-fp32 artifacts/bench-110m-fused-int4
+	    --cost artifacts/bench-110m-fused-fp32 artifacts/bench-110m-fused-int4 --batch-cost artifacts/bench-110m-fused-fp32
 
 bench-step-costs: bench-model
 	$(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-fp32 --graph ort-fused

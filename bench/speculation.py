@@ -5,11 +5,15 @@ text that does not, and what checking k tokens costs against one step at a real 
     `--speculate off` and `ngram` engines request by request: decode tok/s (tokens after the first / time
     after the first) and the share of proposed tokens accepted, for input-grounded prompts (a story, then
     its first sentence again: the model retells it) and free prompts (a story's first words only).
+    The ceiling column: tokens per step were every step to check the proposer's guess (k ≤ 4, k ≤ 8) against
+    the plain answer — what prompt lookup can give on that text at best, whatever the engine's overhead.
 (b) The step costs at bench-110m size, backend only: a decode step (1 token) against a step checking
     k speculated tokens (k + 1 fed), alternating, after a 128-token prompt. Speed-up at a model's size ≈
     (tokens per step) / (cost of that step relative to one decode step). Then (a) again on that artifact:
     random weights rarely repeat, so it shows what speculation costs where it does not pay, with the
     engine's own cost model (speculation.best_k) choosing k.
+(c) --batch-cost: a check inside a batched step (batch - 1 rows decode, one row checks) against plain
+    batched decode: whether speculation could pay within continuous batching.
 Writes bench/results/speculation-<date><label>.md.
 """
 
@@ -40,17 +44,30 @@ def prompt_sets() -> dict[str, list[str]]:
     return {"input-grounded": grounded, "free": free}
 
 
-def timed_answer(engine, prompt: str, new_tokens: int) -> tuple[float, int]:
+def lookup_ceiling(prompt_ids: list[int], answer: list[int], k: int) -> float:
+    """Tokens per step if every step checked the proposer's guess of up to k tokens against this (greedy)
+    answer: what prompt lookup could give at best on this text, were a check as cheap as a decode step."""
+    from llmpack.runtime.speculation import NgramProposer
+
+    proposer, done, steps = NgramProposer().extend(prompt_ids), 0, 0
+    while done < len(answer):
+        guess = proposer.propose(min(k, len(answer) - done - 1))
+        kept = next((i for i, token in enumerate(guess) if token != answer[done + i]), len(guess))
+        proposer.extend(answer[done:done + kept + 1])
+        done, steps = done + kept + 1, steps + 1
+    return len(answer) / max(steps, 1)
+
+
+def timed_ids(engine, ids: list[int], new_tokens: int) -> tuple[float, list[int]]:
     from llmpack.runtime.sampling import SamplingParams
 
-    ids = [engine.tokenizer.bos_id, *engine.tokenizer.encode(prompt)]
-    first, count = None, 0
+    first, answer = None, []
     start = time.perf_counter()
-    for _ in engine.generate_ids(ids, new_tokens, SamplingParams(temperature=0), stop_ids=[]):
-        count += 1
+    for token in engine.generate_ids(ids, new_tokens, SamplingParams(temperature=0), stop_ids=[]):
+        answer.append(token)
         first = first or time.perf_counter()
     elapsed = time.perf_counter() - (first or start)
-    return (count - 1) / elapsed if count > 1 and elapsed > 0 else float("nan"), count
+    return (len(answer) - 1) / elapsed if len(answer) > 1 and elapsed > 0 else float("nan"), answer
 
 
 def acceptance_part(artifact: Path, rounds: int, new_tokens: int) -> list[str]:
@@ -60,27 +77,35 @@ def acceptance_part(artifact: Path, rounds: int, new_tokens: int) -> list[str]:
                for mode in ("off", "ngram")}
     lines = [f"## (a) {artifact.name}: greedy, {new_tokens} new tokens, {rounds} rounds alternating off / ngram", "",
              "| prompts | off decode tok/s | ngram decode tok/s | ngram / off | accepted / proposed | "
-             "tokens per ngram step |", "|---|---|---|---|---|---|"]
+             "tokens per ngram step | ceiling: tokens per step, k ≤ 4 / 8 |", "|---|---|---|---|---|---|---|"]
     try:
         for name, prompts in prompt_sets().items():
-            speeds = {"off": [], "ngram": []}
-            scheduler = engines["ngram"].scheduler
-            proposed, accepted, steps_tokens = scheduler.proposed, scheduler.accepted, 0
-            for round_ in range(rounds):
-                for prompt in prompts:
-                    for mode in (("off", "ngram") if round_ % 2 == 0 else ("ngram", "off")):
-                        speed, count = timed_answer(engines[mode], prompt, new_tokens)
-                        speeds[mode].append(speed)
-                        steps_tokens += count if mode == "ngram" else 0
-            proposed, accepted = scheduler.proposed - proposed, scheduler.accepted - accepted
-            off, on = statistics.median(speeds["off"]), statistics.median(speeds["ngram"])
-            steps = steps_tokens - accepted  # each accepted token saved one step
-            lines.append(f"| {name} | {off:.0f} | {on:.0f} | **{on / off:.2f}×** | {accepted} / {proposed} "
-                         f"({accepted / max(proposed, 1):.0%}) | {steps_tokens / max(steps, 1):.2f} |")
+            lines.append(compare_modes(engines, name, prompts, rounds, new_tokens))
     finally:
         for engine in engines.values():
             engine.close()
     return [*lines, ""]
+
+
+def compare_modes(engines: dict, name: str, prompts: list[str], rounds: int, new_tokens: int) -> str:
+    speeds, answers, scheduler = {"off": [], "ngram": []}, {}, engines["ngram"].scheduler
+    proposed, accepted, tokens = scheduler.proposed, scheduler.accepted, 0
+    for round_ in range(rounds):
+        for prompt in prompts:
+            ids = [engines["off"].tokenizer.bos_id, *engines["off"].tokenizer.encode(prompt)]
+            for mode in (("off", "ngram") if round_ % 2 == 0 else ("ngram", "off")):
+                speed, answer = timed_ids(engines[mode], ids, new_tokens)
+                speeds[mode].append(speed)
+                tokens += len(answer) if mode == "ngram" else 0
+                answers[tuple(ids)] = answer
+    proposed, accepted = scheduler.proposed - proposed, scheduler.accepted - accepted
+    off, on = statistics.median(speeds["off"]), statistics.median(speeds["ngram"])
+    steps = tokens - accepted  # each accepted token saved one step
+    ceilings = [statistics.mean(lookup_ceiling(list(ids), answer, k) for ids, answer in answers.items())
+                for k in (4, 8)]
+    return (f"| {name} | {off:.0f} | {on:.0f} | **{on / off:.2f}×** | {accepted} / {proposed} "
+            f"({accepted / max(proposed, 1):.0%}) | {tokens / max(steps, 1):.2f} | "
+            f"{ceilings[0]:.2f} / {ceilings[1]:.2f} |")
 
 
 def cost_part(artifact: Path, rounds: int, ks: list[int]) -> list[str]:
@@ -108,6 +133,45 @@ def cost_part(artifact: Path, rounds: int, ks: list[int]) -> list[str]:
     return [*lines, ""]
 
 
+def batch_cost_part(artifact: Path, rounds: int, batches: list[int], ks: list[int]) -> list[str]:
+    """(c) What speculation inside continuous batching would cost. ONNX Runtime's CPU GroupQueryAttention
+    refuses batch > 1 with several new tokens per row after a cache ("batch_size must be 1 when
+    sequence_length > 1 and past context is given"), so rows cannot all check proposals in one step; the
+    shape that runs is the mixed step's: batch - 1 rows decode while one row is fed k + 1 tokens (mixed.onnx
+    gives that row's last logits only, a check needs all k + 1: the head over k more positions is the
+    difference, small beside the layers). Against a plain decode step of the whole batch; rows 128 tokens in."""
+    import numpy as np
+
+    from llmpack.runtime.artifact import open_artifact, open_backend
+
+    backend = open_backend(open_artifact(artifact, verify_checksums=False), "cpu", max_batch=max(batches))
+    if not getattr(backend, "can_mix", False):
+        return [f"## (c) {artifact.name}: no mixed-step graph (mixed.onnx)", ""]
+    prompt = [1, *np.random.default_rng(0).integers(3, backend.vocab_size, 127).tolist()]
+    for slot in range(max(batches)):
+        backend.prefill(slot, prompt)
+    times = {(b, k): [] for b in batches for k in [0, *ks]}
+    for _ in range(rounds):
+        for (b, k), samples in times.items():
+            started = time.perf_counter()
+            if k == 0:
+                backend.decode(list(range(b)), [5] * b)
+            else:  # the last row checks k speculated tokens (k + 1 fed) beside the others' decode step
+                backend.decode_and_prefill(list(range(b - 1)), [5] * (b - 1), b - 1, [5] * (k + 1))
+            samples.append(time.perf_counter() - started)
+            for slot in range(b):
+                backend.truncate(slot, len(prompt))
+    lines = [f"## (c) {artifact.name}: batch - 1 rows decode + 1 row fed k + 1 tokens, vs plain batched decode, "
+             f"median of {rounds}", "", "| batch | decode step ms | " + " | ".join(f"check {k} (× decode)" for k in ks)
+             + " |", "|---|---|" + "---|" * len(ks)]
+    for b in batches:
+        one = statistics.median(times[(b, 0)])
+        cells = [f"{1000 * statistics.median(times[(b, k)]):.2f} ({statistics.median(times[(b, k)]) / one:.2f}×)"
+                 for k in ks]
+        lines.append(f"| {b} | {1000 * one:.2f} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--acceptance", type=Path, required=True, help="A trained ort-fused artifact (stories260k).")
@@ -115,6 +179,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--cost-rounds", type=int, default=30)
+    parser.add_argument("--batch-cost", type=Path, nargs="*", default=[],
+                        help="ort-fused artifacts for (c): a k-token check inside a batched step.")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     lines = [header("Speculative decoding: acceptance and step costs", "onnxruntime", "numpy"), ""]
@@ -124,6 +190,8 @@ def main() -> None:
         # the engine as served at that size: its own cost model decides how much to speculate (random weights:
         # what a model that rarely repeats costs with speculation on)
         lines += acceptance_part(artifact, max(1, args.rounds // 2), 128)
+    for artifact in args.batch_cost:
+        lines += batch_cost_part(artifact, args.cost_rounds, [2, 4], [1, 2, 4])
     write_results("speculation", lines, args.label)
 
 

@@ -88,7 +88,8 @@ def build_key(source_files: tuple[FileDigest, ...], options: BuildOptions, max_c
         material |= {"graph": options.graph, "quant": dataclasses.asdict(options.quant_spec)}
     if options.graph == fused.FLAVOUR:  # fused artifacts gained mixed.onnx: older ones are rebuilt
         material["mixed_step_graph"] = fused.MIXED_MODEL_FILE
-        material["logit_rows_input"] = fused.NUM_LOGITS  # and the speculation check's num_logits input
+    # Both flavours gained the speculation check's num_logits input (the standard one later): rebuilt too
+    material["logit_rows_input"] = fused.NUM_LOGITS
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 

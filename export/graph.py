@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from onnx import numpy_helper
 
 from llmpack.export.checkpoint import Checkpoint, WeightReader
 from llmpack.export.onnx_writer import NP_TO_ONNX, GraphWriter, value_info
@@ -158,9 +159,11 @@ class LlamaGraph:
         return self.linear(act, f"{prefix}.down_proj.weight")
 
     def lm_head(self, hidden: str) -> str:
-        """Logits of the last position only, [batch, vocab] in fp32."""
+        """Logits of the last num_logits positions, [batch * num_logits, vocab] in fp32: the last one only
+        ([batch, vocab]) unless a run overrides the input's default of 1 (a speculation check, ONNX Runtime)."""
         g, c = self.g, self.c
-        last = g.add("Slice", [hidden, g.constant([-1], np.int64), g.constant([2**62], np.int64), g.constant([1], np.int64)])
+        first = g.add("Neg", [names.NUM_LOGITS])
+        last = g.add("Slice", [hidden, first, g.constant([2**62], np.int64), g.constant([1], np.int64)])
         last = g.add("Reshape", [last, g.constant([-1, c.hidden_size], np.int64)])
         if self.quant.enabled:  # tied or not, the head gets its own quantized copy; the Gather keeps fp32
             source = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
@@ -175,6 +178,8 @@ class LlamaGraph:
 
     def build(self, progress: bool) -> None:
         g, c = self.g, self.c
+        # An initializer that is also a graph input (written by write_decoder_graph): a default a run may override
+        g.initializers.append(numpy_helper.from_array(np.array([1], np.int64), names.NUM_LOGITS))
         hidden = g.add("Gather", [g.weight("model.embed_tokens.weight", self._tensor("model.embed_tokens.weight")), names.INPUT_IDS])
         cos, sin = self.rotary(names.POSITION_IDS)
         bias = self.attention_bias(names.INPUT_IDS, names.ATTENTION_MASK)
@@ -218,5 +223,9 @@ def write_decoder_graph(checkpoint: Checkpoint, folder: Path, dtype: str, progre
     def build(writer: GraphWriter, weights: WeightReader) -> None:
         LlamaGraph(writer, weights, checkpoint.config, np_dtype, quant).build(progress)
 
-    return stream_graph(checkpoint, folder, interface(checkpoint.config, np_dtype), build,
-                        f"llmpack Llama decoder, {dtype}, last-position logits, KV cache in/out")
+    specs = interface(checkpoint.config, np_dtype)
+    # num_logits joins the graph's inputs, not the manifest's: with its initializer it is an optional input
+    graph_inputs = (*specs[0], TensorSpec(names.NUM_LOGITS, "int64", (1,)))
+    stream_graph(checkpoint, folder, (graph_inputs, specs[1]), build,
+                 f"llmpack Llama decoder, {dtype}, last-position logits (num_logits: more), KV cache in/out")
+    return specs

@@ -24,6 +24,7 @@ from llmpack.runtime.generate import FINISH_CANCELLED, FINISH_ERROR, SequenceSta
 from llmpack.runtime.manifest import DEFAULT_PREFILL_CHUNK
 from llmpack.runtime.prefix_cache import PrefixCache
 from llmpack.runtime.sampling import SamplingParams
+from llmpack.runtime.speculation import CheckCosts
 
 log = logging.getLogger("llmpack.runtime")
 
@@ -113,16 +114,16 @@ class BatchScheduler:
         # Speculative decoding (prompt lookup), at batch 1: a wider step pays only while it is memory-bound
         self.speculation = speculation_of(backend) if speculate else None
         if speculate and self.speculation is None:
-            log.warning("speculation off: the %s backend (or this artifact's graph) cannot check several tokens "
-                        "in one step; rebuild an ort-fused artifact to use it", backend.name)
+            log.warning("speculation off: the %s backend (or this artifact's graph, built before num_logits) cannot "
+                        "check several tokens in one step; rebuild the artifact to use it", backend.name)
         self.proposed = self.accepted = 0  # speculated tokens checked and kept, since the start (metrics)
-        self._score_seconds: dict[int, float] = {}  # a step checking k tokens, by k (running averages)
-        self._plain_seconds: float | None = None  # a batch-1 decode step, sampling included
+        self.check_costs = CheckCosts()  # the backend passes: a check of k tokens against a batch-1 decode step
         self._waiting: deque[SequenceState] = deque()
         self._active: list[SequenceState] = []
         self._free_slots = list(range(backend.max_batch))
         self._cond = threading.Condition()
         self._stopping = False
+        self.halted: str | None = None  # set when the loop stopped on an internal error: why, for /ready and submit
         self._thread: threading.Thread | None = None
         self.on_step: Callable[[int], None] | None = None  # an observer of each step's decoded rows (metrics)
 
@@ -142,7 +143,7 @@ class BatchScheduler:
         sink.on_cancel = self._wake
         with self._cond:
             if self._stopping:
-                raise BackendError("the engine is shutting down; retry on another instance")
+                raise BackendError(self.halted or "the engine is shutting down; retry on another instance")
             self._waiting.append(state)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="llmpack-batch", daemon=True)
@@ -173,9 +174,24 @@ class BatchScheduler:
                     return
                 self._drop_cancelled_waiting()
                 self._admit()
-            self._release_finished()
-            self._step()
-            self._release_finished()
+            try:
+                self._release_finished()
+                self._step()
+                self._release_finished()
+            except Exception as exc:  # noqa: BLE001 - a bug outside the backend calls must end requests, not hang them
+                self._halt(exc)
+                return
+
+    def _halt(self, exc: Exception) -> None:
+        """The loop itself failed (the backend's own failures end only their sequences, in _step): every request
+        ends with an error now, new ones are refused, and /ready turns false so an orchestrator restarts us."""
+        with self._cond:
+            self._stopping = True
+            self.halted = "the engine stopped after an internal error; restart the server (its log has the details)"
+            states = [*self._waiting, *self._active]
+            self._waiting.clear()
+        self._fail(states, BackendError(self.halted))
+        log.error("the batch loop stopped: %s", exc, exc_info=exc)
 
     def _drop_cancelled_waiting(self) -> None:
         if any(state.sink.cancelled.is_set() for state in self._waiting):
@@ -240,42 +256,44 @@ class BatchScheduler:
             logits = self.backend.decode([s.slot for s in ready], [s.pending for s in ready])
         except Exception as exc:  # noqa: BLE001 - any backend failure ends the sequences of this step
             return self._fail(ready, exc)
-        self.pacer.observe_decode(len(ready), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.pacer.observe_decode(len(ready), seconds)
+        if len(ready) == 1 and self.speculation is not None:  # what a speculated check is weighed against
+            self.check_costs.observe_plain(seconds)
         self._observe(len(ready))
         for row, state in enumerate(ready):
             state.advance(logits[row])
-        if len(ready) == 1:  # the whole step, sampling included: what a speculated step is weighed against
-            self._plain_seconds = smoothed(self._plain_seconds, time.perf_counter() - started)
 
     def _speculated_step(self, state: SequenceState) -> bool:
         """Check the sequence's proposal in one step (the pending token + k proposed, every position's
         logits), keep what is accepted and drop the rest from the cache; False: no proposal, decode."""
-        if self._plain_seconds is None:
+        if not self.check_costs.plain_measured:
             return False  # a plain step first: what a check costs is judged against it
         proposal = state.proposal(self._relative_score_cost)
         if not proposal:
             return False
         cached = self.backend.cached_tokens(state.slot)
-        started = time.perf_counter()
         try:
+            started = time.perf_counter()
             rows = self.speculation.score(state.slot, [state.pending, *proposal])
+            seconds = time.perf_counter() - started
             accepted = state.advance_speculated(rows, proposal)
             self.speculation.truncate(state.slot, cached + 1 + accepted)
         except Exception as exc:  # noqa: BLE001 - any backend failure ends only this sequence
             self._fail([state], exc)
             return True
-        # The whole step, each checked position's sampling included (on a small model that is half of it)
-        self._score_seconds[len(proposal)] = smoothed(self._score_seconds.get(len(proposal)),
-                                                      time.perf_counter() - started)
+        # The backend's pass alone, like _plain_seconds: handing out a token costs the same whether a check or
+        # a decode step chose it, so only the passes decide whether checking k tokens pays (timing the whole
+        # step charged the check for the tokens it won: on stories260k that halted speculation where it paid).
+        self.check_costs.observe_check(len(proposal), seconds)
         state.proposal_length.update(len(proposal), accepted)
         self.proposed, self.accepted = self.proposed + len(proposal), self.accepted + accepted
         self._observe(1)
         return True
 
     def _relative_score_cost(self, k: int) -> float | None:
-        """A step checking k speculated tokens over a batch-1 decode step, as measured here (None: not yet)."""
-        score = self._score_seconds.get(k)
-        return None if self._plain_seconds is None or score is None else score / self._plain_seconds
+        """A check of k speculated tokens over a batch-1 decode step, as measured here (None: not yet)."""
+        return self.check_costs.relative(k)
 
     def _mixed_step(self, reading: SequenceState, ready: list[SequenceState]) -> None:
         chunk = self._next_chunk(reading, decoding=len(ready))

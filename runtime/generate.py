@@ -26,7 +26,7 @@ from llmpack.runtime.sampling import (
     sample_from_scores,
     token_logprobs,
 )
-from llmpack.runtime.speculation import NgramProposer, ProposalLength, accept_token, best_k
+from llmpack.runtime.speculation import NgramProposer, ProposalLength, accept_token, best_k, greedy_choices
 from llmpack.runtime.tokenizer import TextTokenizer
 
 FINISH_STOP = "stop"  # the model produced a stop id
@@ -139,12 +139,14 @@ class SequenceState:
 
     def proposal(self, relative_cost: Callable[[int], float | None]) -> list[int]:
         """Tokens worth checking in the next step ([]: decode as usual); never past the budget, and only as
-        many as pay for the wider step at this sequence's acceptance rate (speculation.best_k)."""
+        many as pay for the wider step at this sequence's acceptance rate (speculation.best_k). The lookup
+        comes first: it is cheaper than the cost model, and most steps of a text that does not repeat end there."""
         if self.proposer is None:
             return []
         k = min(self.proposal_length.next_k(), self.budget - self.generated - 1)
-        k = best_k(self.proposal_length.rate, k, relative_cost) if k > 0 else 0
-        return self.proposer.propose(k) if k > 0 else []
+        guess = self.proposer.propose(k) if k > 0 else []
+        k = best_k(self.proposal_length.rate, len(guess), relative_cost) if guess else 0
+        return guess[:k]
 
     def advance(self, logits: np.ndarray) -> None:
         """Choose the next token from the last logits; emits it, or ends the sequence."""
@@ -159,14 +161,23 @@ class SequenceState:
         (speculation.accept_token: exact for greedy and sampling), then one token more — the draw that
         replaced a rejected one, or the next after all of them; returns how many proposals went out."""
         self.pending = None
+        greedy = greedy_choices(rows, self.sampling)  # all positions at once where the history cannot matter
         for i, proposed in enumerate(proposal):
-            scores = processed_scores(rows[i], self.sampling, self.history)
-            accepted, token = accept_token(scores, self.sampling, proposed, self.rng)
+            if greedy is None:
+                scores = processed_scores(rows[i], self.sampling, self.history)
+                accepted, token = accept_token(scores, self.sampling, proposed, self.rng)
+            else:
+                scores, token = rows[i], int(greedy[i])
+                accepted = token == proposed
             alive = self._emit(token, scores)
             if not accepted or not alive:
                 return i + (accepted and token not in self.stop_ids)
-        self.advance(rows[len(proposal)])
-        return len(proposal)
+        last = len(proposal)
+        if greedy is None or self.generated >= self.budget:
+            self.advance(rows[last])
+        else:
+            self._emit(int(greedy[last]), rows[last])
+        return last
 
     def _emit(self, token: int, scores: np.ndarray) -> bool:
         """Send a chosen token out; False when the sequence ended with it (a stop id, or the budget)."""

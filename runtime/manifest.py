@@ -52,6 +52,10 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"  # logits of the LAST position only: [batch, vocab]
+# The standard graph's optional int64 [1] input: how many last positions get logits (an initializer of 1 that
+# ONNX Runtime lets a run override: a speculation check feeds k + 1 and gets [batch * (k + 1), vocab]). Not in
+# the manifest's inputs: nothing has to feed it, and TensorRT's parser takes it for the constant 1.
+NUM_LOGITS = "num_logits"
 
 AXIS_BATCH = "batch"
 AXIS_SEQ = "seq"

@@ -14,6 +14,8 @@ engine speculated — which its cost model decides from measured step times. Gre
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -81,6 +83,18 @@ def accept_token(scores: np.ndarray, params: SamplingParams, proposed: int,
     return token == proposed, token
 
 
+def greedy_choices(rows: np.ndarray, params: SamplingParams) -> np.ndarray | None:
+    """Every checked position's greedy token in one vectorised argmax, when the processed scores are the
+    logits themselves (greedy, no penalty, no logit bias, no logprobs wanted, all finite); None: each
+    position goes through processed_scores and accept_token. The same tokens either way — this only skips
+    redoing per position what does not depend on the history (on a small model that work rivals the step)."""
+    plain = params.greedy and params.repetition_penalty == 1.0 and not (
+        params.frequency_penalty or params.presence_penalty or params.logit_bias or params.top_logprobs is not None)
+    if not plain or not np.isfinite(rows).all():
+        return None
+    return rows.argmax(axis=-1)
+
+
 def expected_tokens(rate: float, k: int) -> float:
     """Tokens a step checking k proposals yields when each is accepted with probability `rate`, in order:
     1 + rate + … + rate^k (the token after the last accepted one always comes out)."""
@@ -94,10 +108,12 @@ def best_k(rate: float, k_max: int, relative_cost: Callable[[int], float | None]
     1 so that it gets tried). Where a wider step costs much more (int4 on 2 cores: MatMulNBits leaves its
     one-row kernel), speculation stops paying and is not used.
     """
-    best, best_value = 0, 1.0
+    best, best_value, tokens, term = 0, 1.0, 1.0, 1.0
     for k in range(1, k_max + 1):
+        term *= rate
+        tokens += term  # expected_tokens(rate, k), built up as k grows
         cost = relative_cost(k)
-        value = expected_tokens(rate, k) / (1.0 if cost is None else cost)
+        value = tokens / (1.0 if cost is None else cost)
         if value > best_value * 1.02:  # a margin: timing noise should not flip a sequence into speculating
             best, best_value = k, value
     return best
@@ -105,15 +121,18 @@ def best_k(rate: float, k_max: int, relative_cost: Callable[[int], float | None]
 
 @dataclass
 class ProposalLength:
-    """k per sequence, following its recent acceptance: up by one after a fully accepted proposal, halved
-    after a mostly rejected one; after `patience` proposals in a row that gained nothing, proposing pauses
-    for `pause` steps (a text that never repeats itself stops paying for the wider step). `rate` is the
-    running share of proposed tokens accepted, which best_k weighs against the step's cost."""
+    """How far a sequence may look ahead, from its recent acceptance. `rate` estimates the chance that a
+    checked position is accepted: a check tests positions until its first rejection, so a step that kept a of
+    its k proposals made a + (a < k) trials (the geometric model's estimate; kept / proposed understated it,
+    and best_k then chose k too short). After `patience` proposals in a row that gained nothing, proposing
+    pauses for `pause` steps (a text that never repeats itself stops paying for the wider step).
+
+    k itself is best_k's choice from this rate and the measured costs, up to k_max: halving a sequence's k after
+    a miss, as before, could leave it at a k = 1 the costs never pay for, and then it never grew back."""
 
     k_max: int = 4
     patience: int = 3
     pause: int = 16
-    k: int = 2
     rate: float = 0.6
     _misses: int = 0
     _paused: int = 0
@@ -122,16 +141,61 @@ class ProposalLength:
         if self._paused > 0:
             self._paused -= 1
             return 0
-        return self.k
+        return self.k_max
 
     def update(self, proposed: int, accepted: int) -> None:
         if proposed == 0:
             return
-        self.rate += 0.3 * (accepted / proposed - self.rate)
+        self.rate += 0.3 * (accepted / (accepted + (accepted < proposed)) - self.rate)
         self._misses = self._misses + 1 if accepted == 0 else 0
-        if accepted == proposed:
-            self.k = min(self.k + 1, self.k_max)
-        elif 2 * accepted < proposed:
-            self.k = max(self.k // 2, 1)
         if self._misses >= self.patience:
             self._misses, self._paused = 0, self.pause
+
+
+class CheckCosts:
+    """A check of k speculated tokens over a plain decode step, from the backend passes measured here.
+
+    Medians of recent passes: a shape's first pass builds its IO binding (and may grow the cache), and on a
+    shared machine one preempted pass can take 50 times the others. A running mean took such an outlier for the
+    cost of that k, best_k then never chose it again, so it was never measured again (on stories260k, most of
+    the proposals that would have paid were not made). Below MIN_SAMPLES a k is not measured: best_k tries it
+    unless the measured ks bound it. Medians are recomputed on each pass, not on each lookup.
+    """
+
+    WINDOW = 15
+    MIN_SAMPLES = 3
+
+    def __init__(self):
+        self._plain: deque[float] = deque(maxlen=self.WINDOW)
+        self._checks: dict[int, deque[float]] = {}
+        self._plain_median: float | None = None
+        self._check_medians: dict[int, float] = {}
+
+    @property
+    def plain_measured(self) -> bool:
+        return self._plain_median is not None
+
+    def observe_plain(self, seconds: float) -> None:
+        self._plain.append(seconds)
+        self._plain_median = statistics.median(self._plain)
+
+    def observe_check(self, k: int, seconds: float) -> None:
+        samples = self._checks.setdefault(k, deque(maxlen=self.WINDOW))
+        samples.append(seconds)
+        if len(samples) >= self.MIN_SAMPLES:
+            self._check_medians[k] = statistics.median(samples)
+
+    def relative(self, k: int) -> float | None:
+        """The cost of checking k tokens over a decode step: measured, else bounded by what is (a wider check
+        never costs less than a narrower one; below the narrowest measured, a straight line from a decode
+        step's 1), so a backend whose checks cost far more is not explored k by k; None: nothing to go on."""
+        if self._plain_median is None:
+            return None
+        known = self._check_medians
+        if k in known:
+            return known[k] / self._plain_median
+        below = [j for j in known if j < k]
+        if below:
+            return known[max(below)] / self._plain_median
+        above = min((j for j in known if j > k), default=None)
+        return None if above is None else 1 + (known[above] / self._plain_median - 1) * k / above

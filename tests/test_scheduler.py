@@ -385,3 +385,33 @@ def _gated(backend: ScriptedBackend):
         backend.gate.wait(10)
         return scripted(slots, ids)
     return decode
+
+
+def test_a_fault_in_the_batch_loop_itself_ends_every_request_and_turns_ready_false(tokenizer):
+    """The backend's own failures end their sequences (above); a bug in the loop around them must not leave
+    requests waiting forever: they end with an error, new ones are refused, and /ready says why."""
+    from serving import RUN
+    from starlette.testclient import TestClient
+
+    from llmpack.runtime.serve.server import create_app
+
+    engine = scripted_engine(tokenizer)
+    with TestClient(create_app(engine)) as client:
+        deadline = time.monotonic() + 10
+        while client.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+        def broken_step():
+            raise RuntimeError("simulated scheduler bug")
+
+        engine.scheduler._step = broken_step
+        body = {"prompt": "x", "raw": True, "max_tokens": 3}
+        failed = client.post(RUN, json=body)
+        assert failed.status_code == 500 and "restart the server" in failed.json()["errors"][0]["message"]
+        assert "simulated" not in failed.text
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and "internal error" in ready.json()["reason"]
+        refused = client.post(RUN, json=body)
+        assert refused.status_code >= 500 and "restart the server" in refused.text
+    engine.close()

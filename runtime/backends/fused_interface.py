@@ -9,8 +9,12 @@ from __future__ import annotations
 # Re-exported: the fused contract names its own flavour and the others beside its tensor names.
 from llmpack.runtime.manifest import FUSED_GRAPH as FLAVOUR  # noqa: F401
 from llmpack.runtime.manifest import GRAPH_FLAVOURS as FLAVOURS  # noqa: F401
+from llmpack.runtime.manifest import (
+    NUM_LOGITS,  # noqa: F401
+    BuildManifest,
+    ModelConfig,
+)
 from llmpack.runtime.manifest import STANDARD_GRAPH as STANDARD  # noqa: F401
-from llmpack.runtime.manifest import BuildManifest, ModelConfig
 
 # GroupQueryAttention's per-row cache bookkeeping: after a step a row holds seqlens_k + 1 tokens.
 SEQLENS_K = "seqlens_k"  # int32 [batch]
@@ -18,7 +22,7 @@ TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar: max over rows o
 AXIS_CAPACITY = "capacity"  # the cache buffers' time axis: preallocated, shared by past and present
 # int64 [1]: how many last positions get logits (1 for decode and prompt chunks; k + 1 when a step checks k
 # speculated tokens). Logits are then [batch * num_logits, vocab]. Artifacts built before it lack the input.
-NUM_LOGITS = "num_logits"
+# A required input here (every fused step binds it); the standard graph's same-named input has a default.
 AXIS_LOGIT_ROWS = "logit_rows"
 
 # The mixed-step graph (mixed.onnx, beside model.onnx and sharing its weights file): ONE pass over the

@@ -14,7 +14,8 @@ Optional capabilities are typed Protocols of their own, checked once when the sc
   ONNX Runtime CPU backends have it).
 - Speculation: a step that appends several tokens and returns the logits after each (checking
   speculated tokens in one pass over the weights), and dropping the cache's last positions (the
-  rejected ones); the ort-fused backend has it.
+  rejected ones); both ONNX Runtime CPU backends have it (ort-fused: the length goes back in the in-place cache;
+  standard graph: the present is cut). TensorRT builds from the standard graph but cannot feed num_logits yet.
 """
 
 from __future__ import annotations

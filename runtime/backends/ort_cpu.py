@@ -131,8 +131,14 @@ class OrtBackend(CpuSessionBackend):
         self._empty_past = np.zeros((1, c.num_kv_heads, 0, c.head_dim), dtype=manifest.kv_dtype)
         self._pasts: list[list | None] = [None] * max_batch
         self._batch: KVBatch | None = None
+        # Speculation: the graph's num_logits input (a default of 1 a run may override; older artifacts lack it)
+        session_inputs = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
+        self.can_score = names.NUM_LOGITS in {i.name for i in session_inputs}
 
-    def _run(self, token_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Sequence) -> list:
+    def _run(self, token_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Sequence,
+             num_logits: int = 1) -> list:
+        if num_logits != 1:  # ordinary steps leave the graph's default of 1 and keep their IO binding
+            return self._run_overriding(token_ids, mask, positions, past, num_logits)
         binding = self.session.io_binding()
         binding.bind_cpu_input(names.INPUT_IDS, token_ids)
         binding.bind_cpu_input(names.ATTENTION_MASK, mask)
@@ -147,8 +153,21 @@ class OrtBackend(CpuSessionBackend):
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()
 
-    def _run_slot(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
-        """One slot alone: its own cache, no padding."""
+    def _run_overriding(self, token_ids, mask, positions, past: Sequence, num_logits: int) -> list:
+        """A step that sets num_logits: IO binding only knows the graph's required inputs, not an initializer
+        a run may override, so this one goes through run_with_ort_values (the cache still stays OrtValues)."""
+        from onnxruntime import OrtValue
+
+        arrays = {names.INPUT_IDS: token_ids, names.ATTENTION_MASK: mask, names.POSITION_IDS: positions,
+                  names.NUM_LOGITS: np.array([num_logits], np.int64)}
+        feed = {name: OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        for name, value in zip(self._past_names, past):
+            feed[name] = OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) \
+                else value
+        return self.session.run_with_ort_values(self._output_names, feed)
+
+    def _run_slot(self, slot: int, token_ids: Sequence[int], num_logits: int = 1) -> np.ndarray:
+        """One slot alone: its own cache, no padding; logits of the last num_logits positions."""
         start, total = self._lengths[slot], self._check_room(slot, len(token_ids))
         past = self._pasts[slot] or [self._empty_past] * len(self._past_names)
         outputs = self._run(
@@ -156,6 +175,7 @@ class OrtBackend(CpuSessionBackend):
             np.ones((1, total), dtype=np.int64),
             np.arange(start, total, dtype=np.int64)[None, :],
             past,
+            num_logits,
         )
         self._pasts[slot], self._lengths[slot] = outputs[1:], total
         return outputs[0].numpy()
@@ -184,6 +204,30 @@ class OrtBackend(CpuSessionBackend):
         for slot in slots:
             self._lengths[slot] += 1
         return outputs[0].numpy()[batch.rows_of(slots)]
+
+    def score(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
+        """Append token_ids to the slot and return the logits after each of them, [len(token_ids), vocab]:
+        one pass over the weights checks a speculated continuation (Speculation capability)."""
+        if not self.can_score:
+            raise BackendError("this artifact's graph gives last-position logits only; rebuild it to speculate")
+        if self._lengths[slot] == 0 or not token_ids:
+            raise BackendError("score needs a prefilled slot and at least one token")
+        if self._batch is not None and slot in self._batch.live:
+            self._take_back(slot)
+        return self._run_slot(slot, list(token_ids), num_logits=len(token_ids))
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the slot's first `length` positions: its present is cut. A copy, which the next step would make
+        anyway (a sliced cache is not contiguous, and the standard graph concatenates past and new each step)."""
+        if not 0 < length <= self._lengths[slot]:
+            raise BackendError(f"slot {slot} holds {self._lengths[slot]} tokens; cannot keep {length}")
+        if length == self._lengths[slot]:
+            return
+        if self._batch is not None and slot in self._batch.live:
+            self._take_back(slot)
+        # Copied while the OrtValues it comes from are alive: a view of them would outlive their buffers.
+        self._pasts[slot] = [np.ascontiguousarray(as_array(value)[:, :, :length]) for value in self._pasts[slot]]
+        self._lengths[slot] = length
 
     def _restack(self, slots: Sequence[int]) -> KVBatch:
         """A new batch of exactly these slots: one copy of each live cache, dead rows dropped."""

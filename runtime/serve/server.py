@@ -226,9 +226,10 @@ async def health() -> Response:
 
 async def ready(request: Request) -> Response:
     state = state_of(request)
-    if state.ready:
+    halted = state.engine.scheduler.halted
+    if state.ready and not halted:
         return json_response({"ready": True, "models": list(state.models)})
-    return json_response({"ready": False, "reason": state.not_ready_reason}, status=503)
+    return json_response({"ready": False, "reason": halted or state.not_ready_reason}, status=503)
 
 
 async def metrics(request: Request) -> Response:
