@@ -25,6 +25,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from llmpack.runtime.errors import BackendError
+
 
 @runtime_checkable
 class Backend(Protocol):
@@ -87,6 +89,15 @@ class Speculation(Protocol):
     def truncate(self, slot: int, length: int) -> None:
         """Keep only the slot's first `length` cached positions (drop rejected speculated tokens)."""
         ...
+
+
+def check_score(can_score: bool, cached: int, token_ids: Sequence[int]) -> None:
+    """What every Speculation.score requires, in one wording: a graph that returns every position's logits, a
+    prefilled slot, and tokens to check."""
+    if not can_score:
+        raise BackendError("this artifact's graph gives last-position logits only; rebuild it to speculate")
+    if cached == 0 or not token_ids:
+        raise BackendError("score needs a prefilled slot and at least one token")
 
 
 def speculation_of(backend: Backend) -> Speculation | None:

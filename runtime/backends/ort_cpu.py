@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from llmpack.runtime import manifest as names
+from llmpack.runtime.backends.interface import check_score
 from llmpack.runtime.backends.kv_batch import KVBatch, as_array
 from llmpack.runtime.backends.ort_install import import_onnxruntime
 from llmpack.runtime.errors import ArtifactError, BackendError
@@ -208,10 +209,7 @@ class OrtBackend(CpuSessionBackend):
     def score(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
         """Append token_ids to the slot and return the logits after each of them, [len(token_ids), vocab]:
         one pass over the weights checks a speculated continuation (Speculation capability)."""
-        if not self.can_score:
-            raise BackendError("this artifact's graph gives last-position logits only; rebuild it to speculate")
-        if self._lengths[slot] == 0 or not token_ids:
-            raise BackendError("score needs a prefilled slot and at least one token")
+        check_score(self.can_score, self._lengths[slot], token_ids)
         if self._batch is not None and slot in self._batch.live:
             self._take_back(slot)
         return self._run_slot(slot, list(token_ids), num_logits=len(token_ids))

@@ -19,6 +19,7 @@ import numpy as np
 
 from llmpack.runtime import manifest as names
 from llmpack.runtime.backends import fused_interface as fused
+from llmpack.runtime.backends.interface import check_score
 from llmpack.runtime.backends.ort_cpu import CpuSessionBackend, load_session
 from llmpack.runtime.errors import ArtifactError, BackendError
 from llmpack.runtime.manifest import BuildManifest
@@ -280,10 +281,7 @@ class OrtFusedBackend(CpuSessionBackend):
     def score(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
         """Append token_ids to the slot and return the logits after each of them, [len(token_ids), vocab]:
         one pass over the weights checks a speculated continuation (Speculation capability)."""
-        if not self.can_score:
-            raise BackendError("this artifact's graph gives last-position logits only; rebuild it to speculate")
-        if self._lengths[slot] == 0 or not token_ids:
-            raise BackendError("score needs a prefilled slot and at least one token")
+        check_score(self.can_score, self._lengths[slot], token_ids)
         total = self._check_room(slot, len(token_ids))
         step = self._step(slot, 1, len(token_ids), total + 1, all_logits=True)
         step.ids[0] = token_ids
