@@ -108,12 +108,10 @@ def best_k(rate: float, k_max: int, relative_cost: Callable[[int], float | None]
     1 so that it gets tried). Where a wider step costs much more (int4 on 2 cores: MatMulNBits leaves its
     one-row kernel), speculation stops paying and is not used.
     """
-    best, best_value, tokens, term = 0, 1.0, 1.0, 1.0
+    best, best_value = 0, 1.0
     for k in range(1, k_max + 1):
-        term *= rate
-        tokens += term  # expected_tokens(rate, k), built up as k grows
         cost = relative_cost(k)
-        value = tokens / (1.0 if cost is None else cost)
+        value = expected_tokens(rate, k) / (1.0 if cost is None else cost)
         if value > best_value * 1.02:  # a margin: timing noise should not flip a sequence into speculating
             best, best_value = k, value
     return best

@@ -100,6 +100,12 @@ def check_score(can_score: bool, cached: int, token_ids: Sequence[int]) -> None:
         raise BackendError("score needs a prefilled slot and at least one token")
 
 
+def check_truncate(slot: int, cached: int, length: int) -> None:
+    """What every Speculation.truncate requires: it keeps at least one position and never adds any."""
+    if not 0 < length <= cached:
+        raise BackendError(f"slot {slot} holds {cached} tokens; cannot keep {length}")
+
+
 def speculation_of(backend: Backend) -> Speculation | None:
     """The backend as Speculation when its artifact supports it, else None."""
     return backend if isinstance(backend, Speculation) and backend.can_score else None

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from llmpack.runtime import manifest as names
-from llmpack.runtime.backends.interface import check_score
+from llmpack.runtime.backends.interface import check_score, check_truncate
 from llmpack.runtime.backends.kv_batch import KVBatch, as_array
 from llmpack.runtime.backends.ort_install import import_onnxruntime
 from llmpack.runtime.errors import ArtifactError, BackendError
@@ -217,8 +217,7 @@ class OrtBackend(CpuSessionBackend):
     def truncate(self, slot: int, length: int) -> None:
         """Keep the slot's first `length` positions: its present is cut. A copy, which the next step would make
         anyway (a sliced cache is not contiguous, and the standard graph concatenates past and new each step)."""
-        if not 0 < length <= self._lengths[slot]:
-            raise BackendError(f"slot {slot} holds {self._lengths[slot]} tokens; cannot keep {length}")
+        check_truncate(slot, self._lengths[slot], length)
         if length == self._lengths[slot]:
             return
         if self._batch is not None and slot in self._batch.live:

@@ -19,7 +19,7 @@ import numpy as np
 
 from llmpack.runtime import manifest as names
 from llmpack.runtime.backends import fused_interface as fused
-from llmpack.runtime.backends.interface import check_score
+from llmpack.runtime.backends.interface import check_score, check_truncate
 from llmpack.runtime.backends.ort_cpu import CpuSessionBackend, load_session
 from llmpack.runtime.errors import ArtifactError, BackendError
 from llmpack.runtime.manifest import BuildManifest
@@ -293,8 +293,7 @@ class OrtFusedBackend(CpuSessionBackend):
     def truncate(self, slot: int, length: int) -> None:
         """Keep the slot's first `length` positions: the in-place cache's later ones are overwritten by the
         next tokens written there, so only the length goes back."""
-        if not 0 < length <= self._lengths[slot]:
-            raise BackendError(f"slot {slot} holds {self._lengths[slot]} tokens; cannot keep {length}")
+        check_truncate(slot, self._lengths[slot], length)
         self._lengths[slot] = length
 
     def reset(self, slot: int) -> None:

@@ -74,7 +74,7 @@ class Ingress:
     def __init__(self, replicas, server: dict):
         settings = ServerSettings(**server)
         stream = replicas.options(stream=True, method_name="handle")
-        self.forwarder = Forwarder(lambda forwarded: stream.remote(forwarded), (RayActorError, ActorUnavailableError),
+        self.forwarder = Forwarder(stream.remote, (RayActorError, ActorUnavailableError),
                                    (BackPressureError,), settings.max_body_bytes, settings.body_timeout_s,
                                    settings.retry_after_s)
 
@@ -98,7 +98,10 @@ def replica_deployment(cluster: ClusterSettings, server: ServerSettings, max_bat
         "ray_actor_options": {"num_cpus": cluster.num_cpus, "num_gpus": cluster.num_gpus},
     }
     autoscaling = cluster.autoscaling(max_batch)
-    options.update(autoscaling_config=autoscaling) if autoscaling else options.update(num_replicas=cluster.replicas)
+    if autoscaling:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = cluster.replicas
     # Affinity yields to power-of-two choices once replicas' ongoing requests differ by more than the
     # threshold: a shared prefix must not pile a burst onto one replica while another idles.
     router = {"capacity": capacity, "affinity": cluster.prefix_affinity}
@@ -123,7 +126,7 @@ def application(artifact: str | Path, engine: EngineOptions, server: ServerSetti
 
 def build(args: dict):
     """App builder for `serve run …:build artifact=PATH [replicas=N max_batch=… prefix_affinity=false …]`
-    and `serve deploy` configs (docs/cluster.yaml). Every key is a field of EngineOptions, ServerSettings or
+    and `serve deploy` configs (deploy/cluster.yaml). Every key is a field of EngineOptions, ServerSettings or
     ClusterSettings; values may be strings, as `serve run` passes them."""
     args = dict(args)
     if "artifact" not in args:

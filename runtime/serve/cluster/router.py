@@ -42,8 +42,12 @@ class PrefixAffinityRouter(PrefixCacheAffinityRouter):
         if affinity:  # the prefix tree actor exists only when it is used
             super().initialize_state(**prefix_kwargs)
 
+    def _queued(self, replica_id) -> int:
+        """The replica's ongoing requests as Ray last saw them (0 before it has seen any)."""
+        return self._replica_queue_len_cache.get(replica_id) or 0
+
     def _load(self, replica) -> int:
-        return (self._replica_queue_len_cache.get(replica.replica_id) or 0) + self._picked.get(replica.replica_id, 0)
+        return self._queued(replica.replica_id) + self._picked.get(replica.replica_id, 0)
 
     def _balanced(self, ranked: list, candidates: list) -> list:
         """Affinity's pick unless it is busier than the least busy replica by more than the threshold."""
@@ -66,8 +70,7 @@ class PrefixAffinityRouter(PrefixCacheAffinityRouter):
         given, so the rule is applied to what they chose."""
         if self._capacity is None:
             return ranked
-        room = {r.replica_id for r in candidates
-                if (self._replica_queue_len_cache.get(r.replica_id) or 0) < self._capacity}
+        room = {r.replica_id for r in candidates if self._queued(r.replica_id) < self._capacity}
         if not room:
             return ranked
         kept = [group for group in ([r for r in group if r.replica_id in room] for group in ranked) if group]

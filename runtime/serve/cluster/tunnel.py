@@ -131,33 +131,31 @@ class Forwarder:
             failure = BodyTimeout(f"the request body did not arrive within {self.body_timeout_s:g} s")
             return await self._fail(scope, send, failure, {"Connection": "close"})
         forwarded = Forwarded(portable(scope), body, prompt_text(body))
-        for attempt in (1, 2):
-            started = await self._relay(forwarded, scope, send, last=attempt == 2)
-            if started is not None:
+        for last in (False, True):
+            if not await self._relay(forwarded, scope, send, last):
                 return
 
-    async def _relay(self, forwarded: Forwarded, scope: Scope, send: Send, last: bool) -> bool | None:
-        """True/False once answered (False: the replica died mid-answer); None: lost before it answered."""
+    async def _relay(self, forwarded: Forwarded, scope: Scope, send: Send, last: bool) -> bool:
+        """Send the replica's answer, or the error that ends it; True: the replica was lost before it answered
+        and this was not the `last` try, so the caller sends the request to another."""
         started = False
         try:
             async for message in self.call(forwarded):
                 started = started or message["type"] == "http.response.start"
                 await send(message)
-            return True
         except self.busy:
             await self._fail(scope, send, CapacityExceeded("every replica is at capacity; retry after the time "
                                                            "in Retry-After"), {"Retry-After": str(self.retry_after_s)})
-            return True
         except self.lost as exc:
             log.warning("replica lost on %s (%s)", scope["path"], type(exc).__name__)
             failure = ReplicaLost("the replica serving this request stopped; send it again")
             if started:  # the answer's start went out: end it as the app ends a failed stream
                 await send({"type": "http.response.body", "body": error_event(scope, failure), "more_body": False})
-                return False
-            if not last:
-                return None
-            await self._fail(scope, send, failure)
-            return False
+            elif not last:
+                return True
+            else:
+                await self._fail(scope, send, failure)
+        return False
 
     async def _body(self, receive: Receive) -> bytes:
         # One byte over the limit is enough for the replica's app to answer 413; the rest is never held.
