@@ -13,7 +13,7 @@ from llmpack.cli.common import defaults_of, setup_logging, translate_errors
 from llmpack.cli.serve_cli import ENGINE, SERVER, chosen_engine_options, engine_options
 from llmpack.runtime.errors import ServeError
 from llmpack.runtime.serve.cluster.settings import ClusterSettings
-from llmpack.runtime.serve.settings import ServerSettings
+from llmpack.runtime.serve.settings import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
 
 CLUSTER = defaults_of(ClusterSettings)
 log = logging.getLogger("llmpack.cluster")
@@ -49,8 +49,8 @@ def cluster_options(f):
 @click.argument("artifact", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--address", default=None, help="A running Ray cluster (`ray start --head` printed it); "
               "default: start a one-machine Ray here.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address Ray Serve's HTTP proxy listens on.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address Ray Serve's HTTP proxy listens on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
 @click.option("--api-key", envvar="LLMPACK_API_KEY", default=None, help="As for `llm-serve run`.")
 @click.option("--max-batch", type=click.IntRange(1, 256), default=ENGINE.max_batch, show_default=True,
               help="Per replica: requests decoded together.")

@@ -13,7 +13,7 @@ from llmpack.cli.common import defaults_of, setup_logging, translate_errors
 from llmpack.runtime.artifact import BACKENDS
 from llmpack.runtime.engine import SPECULATION_MODES, EngineOptions
 from llmpack.runtime.errors import InvalidRequest
-from llmpack.runtime.serve.settings import ConnectionLimits, ServerSettings
+from llmpack.runtime.serve.settings import DEFAULT_HOST, DEFAULT_PORT, ConnectionLimits, ServerSettings
 
 
 def read_request(request: str | None, overrides: dict) -> dict:
@@ -183,8 +183,8 @@ def tokenize(artifact, request):
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True)
 @click.option("--api-key", envvar="LLMPACK_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every route but /health and /ready "
                    "(prefer the env var LLMPACK_API_KEY: a flag shows in the process list).")

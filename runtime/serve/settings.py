@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Where `llm-serve run` and `llm-serve cluster` listen unless told otherwise: loopback, so nothing is exposed by
+# default (put --host 0.0.0.0 behind a firewall or a balancer on purpose).
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+
 
 @dataclass(frozen=True)
 class ServerSettings:
