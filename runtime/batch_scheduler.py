@@ -117,7 +117,7 @@ class BatchScheduler:
             log.warning("speculation off: the %s backend (or this artifact's graph, built before num_logits) cannot "
                         "check several tokens in one step; rebuild the artifact to use it", backend.name)
         self.proposed = self.accepted = 0  # speculated tokens checked and kept, since the start (metrics)
-        self.check_costs = CheckCosts()  # the backend passes: a check of k tokens against a batch-1 decode step
+        self.check_costs = CheckCosts()  # a check of k tokens against a batch-1 decode step, whole steps
         self._waiting: deque[SequenceState] = deque()
         self._active: list[SequenceState] = []
         self._free_slots = list(range(backend.max_batch))
@@ -249,6 +249,7 @@ class BatchScheduler:
         self._read(state, len(chunk), logits)
 
     def _decode_step(self, ready: list[SequenceState]) -> None:
+        step_started = time.perf_counter()  # a batch-1 step in speculation's cost model: the lookup included
         if self.speculation is not None and len(ready) == 1 and self._speculated_step(ready[0]):
             return
         started = time.perf_counter()
@@ -258,42 +259,41 @@ class BatchScheduler:
             return self._fail(ready, exc)
         seconds = time.perf_counter() - started
         self.pacer.observe_decode(len(ready), seconds)
-        if len(ready) == 1 and self.speculation is not None:  # what a speculated check is weighed against
-            self.check_costs.observe_plain(seconds)
         self._observe(len(ready))
         for row, state in enumerate(ready):
             state.advance(logits[row])
+        if len(ready) == 1 and self.speculation is not None:  # what a speculated check is weighed against
+            self.check_costs.observe_plain(seconds, time.perf_counter() - step_started)
 
     def _speculated_step(self, state: SequenceState) -> bool:
         """Check the sequence's proposal in one step (the pending token + k proposed, every position's
         logits), keep what is accepted and drop the rest from the cache; False: no proposal, decode."""
+        step_started = time.perf_counter()
         if not self.check_costs.plain_measured:
             return False  # a plain step first: what a check costs is judged against it
-        proposal = state.proposal(self._relative_score_cost)
+        proposal = state.proposal(self._relative_check_cost)
         if not proposal:
             return False
         cached = self.backend.cached_tokens(state.slot)
+        emitted = state.generated
         try:
-            started = time.perf_counter()
             rows = self.speculation.score(state.slot, [state.pending, *proposal])
-            seconds = time.perf_counter() - started
             accepted = state.advance_speculated(rows, proposal)
             self.speculation.truncate(state.slot, cached + 1 + accepted)
         except Exception as exc:  # noqa: BLE001 - any backend failure ends only this sequence
             self._fail([state], exc)
             return True
-        # The backend's pass alone, like _plain_seconds: handing out a token costs the same whether a check or
-        # a decode step chose it, so only the passes decide whether checking k tokens pays (timing the whole
-        # step charged the check for the tokens it won: on stories260k that halted speculation where it paid).
-        self.check_costs.observe_check(len(proposal), seconds)
+        self._observe(1)
+        # The whole step, host work included, with the tokens it emitted: CheckCosts charges the check its own
+        # work (pass, lookup, truncate) and each token what handing it out costs after a plain step too.
+        self.check_costs.observe_check(len(proposal), time.perf_counter() - step_started, state.generated - emitted)
         state.proposal_length.update(len(proposal), accepted)
         self.proposed, self.accepted = self.proposed + len(proposal), self.accepted + accepted
-        self._observe(1)
         return True
 
-    def _relative_score_cost(self, k: int) -> float | None:
-        """A check of k speculated tokens over a batch-1 decode step, as measured here (None: not yet)."""
-        return self.check_costs.relative(k)
+    def _relative_check_cost(self, k: int, tokens: float) -> float | None:
+        """A check of k speculated tokens yielding `tokens` over one batch-1 decode step (None: not measured)."""
+        return self.check_costs.relative(k, tokens)
 
     def _mixed_step(self, reading: SequenceState, ready: list[SequenceState]) -> None:
         chunk = self._next_chunk(reading, decoding=len(ready))

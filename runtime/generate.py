@@ -137,7 +137,7 @@ class SequenceState:
     def speculate(self) -> None:
         self.proposer, self.proposal_length = NgramProposer().extend(self.prompt_ids), ProposalLength()
 
-    def proposal(self, relative_cost: Callable[[int], float | None]) -> list[int]:
+    def proposal(self, relative_cost: Callable[[int, float], float | None]) -> list[int]:
         """Tokens worth checking in the next step ([]: decode as usual); never past the budget, and only as
         many as pay for the wider step at this sequence's acceptance rate (speculation.best_k). The lookup
         comes first: it is cheaper than the cost model, and most steps of a text that does not repeat end there."""

@@ -101,17 +101,19 @@ def expected_tokens(rate: float, k: int) -> float:
     return sum(rate ** i for i in range(k + 1))
 
 
-def best_k(rate: float, k_max: int, relative_cost: Callable[[int], float | None]) -> int:
+def best_k(rate: float, k_max: int, relative_cost: Callable[[int, float], float | None]) -> int:
     """The k whose tokens per unit of step time beat plain decoding (k = 0) the most; 0 when none does.
 
-    relative_cost(k): a step checking k tokens over a decode step, as measured (None: not yet, taken as
-    1 so that it gets tried). Where a wider step costs much more (int4 on 2 cores: MatMulNBits leaves its
-    one-row kernel), speculation stops paying and is not used.
+    relative_cost(k, tokens): a step checking k proposals that yields `tokens` tokens, over one plain decode
+    step, as measured (None: not yet, taken as 1 so that it gets tried). Where a wider step costs much more
+    (int4 on 2 cores: MatMulNBits leaves its one-row kernel), or where the host work around a check outweighs
+    a tiny model's pass, speculation stops paying and is not used.
     """
     best, best_value = 0, 1.0
     for k in range(1, k_max + 1):
-        cost = relative_cost(k)
-        value = expected_tokens(rate, k) / (1.0 if cost is None else cost)
+        tokens = expected_tokens(rate, k)
+        cost = relative_cost(k, tokens)
+        value = tokens / (1.0 if cost is None else cost)
         if value > best_value * 1.02:  # a margin: timing noise should not flip a sequence into speculating
             best, best_value = k, value
     return best
@@ -151,49 +153,70 @@ class ProposalLength:
 
 
 class CheckCosts:
-    """A check of k speculated tokens over a plain decode step, from the backend passes measured here.
+    """What a check of k speculated tokens costs against plain decoding, from the whole steps measured here.
 
-    Medians of recent passes: a shape's first pass builds its IO binding (and may grow the cache), and on a
-    shared machine one preempted pass can take 50 times the others. A running mean took such an outlier for the
-    cost of that k, best_k then never chose it again, so it was never measured again (on stories260k, most of
-    the proposals that would have paid were not made). Below MIN_SAMPLES a k is not measured: best_k tries it
-    unless the measured ks bound it. Medians are recomputed on each pass, not on each lookup.
+    Whole steps, host work included: on a small model the Python around a check (the lookup, choosing and
+    handing out each token, truncating) rivals the pass, and a model that timed passes alone let checks that
+    gained 20 % per pass lose 12 % per token. But a check must not be charged for the tokens it wins (handing
+    a token out costs the same whichever step chose it; charging it halted speculation where it paid). So a
+    plain step is split into its pass P and its host work per token e = W - P (W: the whole plain step), and a
+    check of k that emitted n tokens into a fixed part F_k = step - n * e (its pass and its own host work) and
+    n tokens' worth of e. A check yielding t tokens then costs (F_k + t * e) / W plain steps.
+
+    Medians of recent steps: a shape's first pass builds its IO binding (and may grow the cache), and on a
+    shared machine one preempted step can take 50 times the others. A running mean took such an outlier for the
+    cost of that k, best_k then never chose it again, so it was never measured again. Below MIN_SAMPLES a k is
+    not measured: best_k tries it unless the measured ks bound it. Medians are recomputed on each step, not on
+    each lookup.
     """
 
     WINDOW = 15
     MIN_SAMPLES = 3
 
     def __init__(self):
-        self._plain: deque[float] = deque(maxlen=self.WINDOW)
-        self._checks: dict[int, deque[float]] = {}
-        self._plain_median: float | None = None
-        self._check_medians: dict[int, float] = {}
+        self._passes: deque[float] = deque(maxlen=self.WINDOW)
+        self._steps: deque[float] = deque(maxlen=self.WINDOW)
+        self._checks: dict[int, deque[tuple[float, int]]] = {}
+        self._plain: tuple[float, float] | None = None  # medians: (pass P, whole step W)
+        self._fixed: dict[int, float] = {}  # k -> F_k, the median of (check step - tokens * e)
 
     @property
     def plain_measured(self) -> bool:
-        return self._plain_median is not None
+        return self._plain is not None
 
-    def observe_plain(self, seconds: float) -> None:
-        self._plain.append(seconds)
-        self._plain_median = statistics.median(self._plain)
+    @property
+    def _host_per_token(self) -> float:
+        pass_, step = self._plain
+        return max(step - pass_, 0.0)
 
-    def observe_check(self, k: int, seconds: float) -> None:
+    def observe_plain(self, pass_seconds: float, step_seconds: float) -> None:
+        self._passes.append(pass_seconds)
+        self._steps.append(max(step_seconds, pass_seconds))
+        self._plain = statistics.median(self._passes), statistics.median(self._steps)
+
+    def observe_check(self, k: int, step_seconds: float, tokens: int) -> None:
         samples = self._checks.setdefault(k, deque(maxlen=self.WINDOW))
-        samples.append(seconds)
-        if len(samples) >= self.MIN_SAMPLES:
-            self._check_medians[k] = statistics.median(samples)
+        samples.append((step_seconds, tokens))
+        if len(samples) >= self.MIN_SAMPLES and self._plain is not None:
+            e = self._host_per_token
+            self._fixed[k] = statistics.median(step - n * e for step, n in samples)
 
-    def relative(self, k: int) -> float | None:
-        """The cost of checking k tokens over a decode step: measured, else bounded by what is (a wider check
-        never costs less than a narrower one; below the narrowest measured, a straight line from a decode
-        step's 1), so a backend whose checks cost far more is not explored k by k; None: nothing to go on."""
-        if self._plain_median is None:
+    def relative(self, k: int, tokens: float) -> float | None:
+        """A check of k yielding `tokens` tokens over one plain step: measured, else bounded by what is (a wider
+        check never costs less than a narrower one; below the narrowest measured, a straight line from a plain
+        pass to it), so a backend whose checks cost far more is not explored k by k; None: nothing to go on."""
+        if self._plain is None:
             return None
-        known = self._check_medians
+        fixed = self._fixed_part(k)
+        return None if fixed is None else (fixed + tokens * self._host_per_token) / self._plain[1]
+
+    def _fixed_part(self, k: int) -> float | None:
+        known = self._fixed
         if k in known:
-            return known[k] / self._plain_median
+            return known[k]
         below = [j for j in known if j < k]
         if below:
-            return known[max(below)] / self._plain_median
+            return known[max(below)]
         above = min((j for j in known if j > k), default=None)
-        return None if above is None else 1 + (known[above] / self._plain_median - 1) * k / above
+        pass_ = self._plain[0]
+        return None if above is None else pass_ + (known[above] - pass_) * k / above

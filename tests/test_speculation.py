@@ -109,27 +109,43 @@ def test_greedy_accepts_exactly_the_argmax():
 def test_k_is_chosen_by_tokens_per_unit_of_step_time():
     """With the step costs bench/results/speculation-2026-12-05.md measured at bench-110m: at fp32 a wide
     check is nearly free, at int4 (MatMulNBits off its one-row kernel) it only pays at high acceptance."""
-    fp32 = {1: 1.03, 2: 1.08, 3: 1.12, 4: 1.16}.get
-    int4 = {1: 1.31, 2: 1.79, 3: 2.1, 4: 2.36}.get
+    fp32 = {1: 1.03, 2: 1.08, 3: 1.12, 4: 1.16}
+    int4 = {1: 1.31, 2: 1.79, 3: 2.1, 4: 2.36}
     assert expected_tokens(0.5, 2) == pytest.approx(1.75)
-    assert best_k(0.5, 4, fp32) == 3 and best_k(0.8, 4, fp32) == 4 and best_k(0.02, 4, fp32) == 0
-    assert best_k(0.5, 4, int4) == 1 and best_k(0.25, 4, int4) == 0 and best_k(0.9, 4, int4) == 4
-    assert best_k(0.5, 4, lambda k: None) == 4  # not measured yet: tried, so that it gets measured
+    assert best_k(0.5, 4, lambda k, t: fp32[k]) == 3 and best_k(0.8, 4, lambda k, t: fp32[k]) == 4
+    assert best_k(0.02, 4, lambda k, t: fp32[k]) == 0
+    assert best_k(0.5, 4, lambda k, t: int4[k]) == 1 and best_k(0.25, 4, lambda k, t: int4[k]) == 0
+    assert best_k(0.9, 4, lambda k, t: int4[k]) == 4
+    assert best_k(0.5, 4, lambda k, t: None) == 4  # not measured yet: tried, so that it gets measured
 
 
-def test_check_costs_shrug_off_one_preempted_pass_and_bound_the_ks_not_measured():
+def test_k_pays_for_the_host_work_per_check_not_for_the_tokens_it_wins():
+    """A tiny model: a pass of 0.2 ms, 0.05 ms of host work per token. Each check adds 0.1 ms of its own host
+    work beside a pass 1.2x a plain one: at 30 % acceptance checking loses (passes alone: 1.39 tokens for 1.2 passes)."""
+    costs = CheckCosts()
+    for _ in range(3):
+        costs.observe_plain(0.20e-3, 0.25e-3)
+    for tokens in (1, 2, 3):  # the same fixed part, whatever the check emitted
+        costs.observe_check(2, 0.24e-3 + 0.1e-3 + tokens * 0.05e-3, tokens)
+    assert costs.relative(2, 1.0) == pytest.approx((0.34 + 0.05) / 0.25)
+    assert costs.relative(2, 3.0) == pytest.approx((0.34 + 0.15) / 0.25)  # each token costs what it costs plainly
+    assert best_k(0.3, 2, costs.relative) == 0
+    assert best_k(0.9, 2, costs.relative) == 2  # 2.71 tokens for (0.34 + 0.14) ms against 0.68 ms plainly
+
+
+def test_check_costs_shrug_off_one_preempted_step_and_bound_the_ks_not_measured():
     """A running mean once took one 50x pass for the cost of k = 2 and never tried k = 2 again; a median does not."""
     costs = CheckCosts()
-    assert costs.relative(2) is None and not costs.plain_measured
+    assert costs.relative(2, 1.0) is None and not costs.plain_measured
     for seconds in (1e-3, 1e-3, 1.1e-3):
-        costs.observe_plain(seconds)
+        costs.observe_plain(seconds, seconds)  # no host work: the cost is the passes'
     for seconds in (5e-2, 1.2e-3, 1.2e-3):  # the first pass: a binding built, or the process preempted
-        costs.observe_check(2, seconds)
-    assert costs.relative(2) == pytest.approx(1.2)
-    assert costs.relative(4) == pytest.approx(1.2)  # at least what a narrower check costs: tried, then measured
-    assert costs.relative(1) == pytest.approx(1.1)  # between a decode step and k = 2
-    costs.observe_check(3, 1e-3)
-    assert costs.relative(3) == pytest.approx(1.2)  # one pass is not a measurement yet
+        costs.observe_check(2, seconds, 1)
+    assert costs.relative(2, 1.0) == pytest.approx(1.2)
+    assert costs.relative(4, 1.0) == pytest.approx(1.2)  # at least what a narrower check costs: tried, then measured
+    assert costs.relative(1, 1.0) == pytest.approx(1.1)  # between a plain pass and k = 2
+    costs.observe_check(3, 1e-3, 1)
+    assert costs.relative(3, 1.0) == pytest.approx(1.2)  # one pass is not a measurement yet
 
 
 def test_greedy_choices_are_the_per_position_draws_or_nothing():

@@ -80,7 +80,7 @@ def engine(artifact, speculate: str, max_batch: int = 1):
     from llmpack.runtime.engine import Engine, EngineOptions
 
     loaded = Engine.load(artifact, EngineOptions(speculate=speculate, max_batch=max_batch, prefix_cache_mb=0))
-    loaded.scheduler._relative_score_cost = lambda k: 1.0
+    loaded.scheduler._relative_check_cost = lambda k, tokens: 1.0
     return loaded
 
 
@@ -214,7 +214,7 @@ def test_streamed_text_with_speculation_splits_no_character(stories_tokenizer):
     pieces = {}
     for speculate in (False, True):
         scheduler = BatchScheduler(CycleBackend(cycle, 512), speculate=speculate)
-        scheduler._relative_score_cost = lambda k: 1.0
+        scheduler._relative_check_cost = lambda k, tokens: 1.0
         try:
             tokens = TokenStream([1, *cycle, *cycle])
             scheduler.submit(tokens, 60, SamplingParams(temperature=0), stop_ids=[])
@@ -235,7 +235,7 @@ def test_sampled_answers_follow_the_same_distribution_with_and_without_speculati
     counts: dict[bool, dict[tuple, int]] = {False: {}, True: {}}
     for speculate in counts:
         scheduler = BatchScheduler(MarkovBackend(), speculate=speculate)
-        scheduler._relative_score_cost = lambda k: 1.0  # which steps speculate: the text's choice, not timing's
+        scheduler._relative_check_cost = lambda k, tokens: 1.0  # which steps speculate: the text's choice, not timing's
         try:
             for seed in range(1, 1501):
                 tokens = TokenStream([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0])
