@@ -2,9 +2,10 @@
 text that does not, and what checking k tokens costs against one step at a real model's size.
 
 (a) One artifact (stories260k: a trained model, so acceptance is real), greedy, in ONE process alternating
-    `--speculate off` and `ngram` engines request by request: decode tok/s (tokens after the first / time
-    after the first) and the share of proposed tokens accepted, for input-grounded prompts (a story, then
-    its first sentence again: the model retells it) and free prompts (a story's first words only).
+    `--speculate off`, `ngram` and a second `off` (the noise floor) engines request by request: decode tok/s
+    (tokens after the first / time after the first) and the share of proposed tokens accepted, for
+    input-grounded prompts (a story, then its first sentence again: the model retells it) and free prompts (a
+    story's first words only).
     The ceiling column: tokens per step were every step to check the proposer's guess (k ≤ 4, k ≤ 8) against
     the plain answer — what prompt lookup can give on that text at best, whatever the engine's overhead.
 (b) The step costs at bench-110m size, backend only: a decode step (1 token) against a step checking
@@ -70,14 +71,19 @@ def timed_ids(engine, ids: list[int], new_tokens: int) -> tuple[float, list[int]
     return (len(answer) - 1) / elapsed if len(answer) > 1 and elapsed > 0 else float("nan"), answer
 
 
+MODES = {"off": "off", "ngram": "ngram", "off again": "off"}  # name -> --speculate; "off again": the noise floor
+
+
 def acceptance_part(artifact: Path, rounds: int, new_tokens: int) -> list[str]:
     from llmpack.runtime.engine import Engine, EngineOptions
 
-    engines = {mode: Engine.load(artifact, EngineOptions(speculate=mode, prefix_cache_mb=0, max_batch=1))
-               for mode in ("off", "ngram")}
-    lines = [f"## (a) {artifact.name}: greedy, {new_tokens} new tokens, {rounds} rounds alternating off / ngram", "",
-             "| prompts | off decode tok/s | ngram decode tok/s | ngram / off | accepted / proposed | "
-             "tokens per ngram step | ceiling: tokens per step, k ≤ 4 / 8 |", "|---|---|---|---|---|---|---|"]
+    engines = {name: Engine.load(artifact, EngineOptions(speculate=mode, prefix_cache_mb=0, max_batch=1))
+               for name, mode in MODES.items()}
+    lines = [f"## (a) {artifact.name}: greedy, {new_tokens} new tokens, {rounds} rounds rotating off / ngram / "
+             "off again", "",
+             "| prompts | off decode tok/s | ngram decode tok/s | ngram / off: median pair (quartiles) | "
+             "off again / off: the noise | accepted / proposed | tokens per ngram step | "
+             "ceiling: tokens per step, k ≤ 4 / 8 |", "|---|---|---|---|---|---|---|---|"]
     try:
         for name, prompts in prompt_sets().items():
             lines.append(compare_modes(engines, name, prompts, rounds, new_tokens))
@@ -88,24 +94,37 @@ def acceptance_part(artifact: Path, rounds: int, new_tokens: int) -> list[str]:
 
 
 def compare_modes(engines: dict, name: str, prompts: list[str], rounds: int, new_tokens: int) -> str:
-    speeds, answers, scheduler = {"off": [], "ngram": []}, {}, engines["ngram"].scheduler
+    """One row: each prompt runs off, ngram and off again back to back (the order rotating by round), and the
+    ratios are taken per set — on a 0.2 ms-per-token model one request lasts ~70 ms, and the machine's drift
+    between requests moves a ratio by ±15 %. "off again / off" is that noise: the same engine twice."""
+    speeds, answers, scheduler = {mode: [] for mode in MODES}, {}, engines["ngram"].scheduler
+    ratios: dict[str, list[float]] = {"ngram": [], "off again": []}
     proposed, accepted, tokens = scheduler.proposed, scheduler.accepted, 0
+    order = list(MODES)
     for round_ in range(rounds):
         for prompt in prompts:
             ids = [engines["off"].tokenizer.bos_id, *engines["off"].tokenizer.encode(prompt)]
-            for mode in (("off", "ngram") if round_ % 2 == 0 else ("ngram", "off")):
-                speed, answer = timed_ids(engines[mode], ids, new_tokens)
-                speeds[mode].append(speed)
+            pair = {}
+            for mode in order[round_ % 3:] + order[:round_ % 3]:
+                pair[mode], answer = timed_ids(engines[mode], ids, new_tokens)
+                speeds[mode].append(pair[mode])
                 tokens += len(answer) if mode == "ngram" else 0
                 answers[tuple(ids)] = answer
+            for mode, values in ratios.items():
+                values.append(pair[mode] / pair["off"])
     proposed, accepted = scheduler.proposed - proposed, scheduler.accepted - accepted
-    off, on = statistics.median(speeds["off"]), statistics.median(speeds["ngram"])
     steps = tokens - accepted  # each accepted token saved one step
     ceilings = [statistics.mean(lookup_ceiling(list(ids), answer, k) for ids, answer in answers.items())
                 for k in (4, 8)]
-    return (f"| {name} | {off:.0f} | {on:.0f} | **{on / off:.2f}×** | {accepted} / {proposed} "
+    return (f"| {name} | {statistics.median(speeds['off']):.0f} | {statistics.median(speeds['ngram']):.0f} | "
+            f"**{spread(ratios['ngram'])}** | {spread(ratios['off again'])} | {accepted} / {proposed} "
             f"({accepted / max(proposed, 1):.0%}) | {tokens / max(steps, 1):.2f} | "
             f"{ceilings[0]:.2f} / {ceilings[1]:.2f} |")
+
+
+def spread(ratios: list[float]) -> str:
+    quartiles = statistics.quantiles(ratios, n=4)
+    return f"{statistics.median(ratios):.2f}× ({quartiles[0]:.2f}–{quartiles[2]:.2f})"
 
 
 def cost_part(artifact: Path, rounds: int, ks: list[int]) -> list[str]:
@@ -174,9 +193,12 @@ def batch_cost_part(artifact: Path, rounds: int, batches: list[int], ks: list[in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--acceptance", type=Path, required=True, help="A trained ort-fused artifact (stories260k).")
-    parser.add_argument("--cost", type=Path, nargs="*", default=[], help="ort-fused artifacts for the step costs.")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--acceptance", type=Path, nargs="*", default=[],
+                        help="Trained ort-fused artifacts (stories260k).")
+    parser.add_argument("--cost", type=Path, nargs="*", default=[], help="ort-fused artifacts for (b), then (a).")
+    parser.add_argument("--step-cost", type=Path, nargs="*", default=[],
+                        help="ort-fused artifacts for (b) alone (a 7B one: (a) there would take hours).")
+    parser.add_argument("--rounds", type=int, default=12, help="(a)'s rounds; a third of them at bench-110m size.")
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--cost-rounds", type=int, default=30)
     parser.add_argument("--batch-cost", type=Path, nargs="*", default=[],
@@ -184,12 +206,15 @@ def main() -> None:
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     lines = [header("Speculative decoding: acceptance and step costs", "onnxruntime", "numpy"), ""]
-    lines += acceptance_part(args.acceptance, args.rounds, args.new_tokens)
+    for artifact in args.acceptance:
+        lines += acceptance_part(artifact, args.rounds, args.new_tokens)
     for artifact in args.cost:
         lines += cost_part(artifact, args.cost_rounds, [1, 2, 4, 8])
         # the engine as served at that size: its own cost model decides how much to speculate (random weights:
         # what a model that rarely repeats costs with speculation on)
-        lines += acceptance_part(artifact, max(1, args.rounds // 2), 128)
+        lines += acceptance_part(artifact, max(2, args.rounds // 3), 128)
+    for artifact in args.step_cost:
+        lines += cost_part(artifact, args.cost_rounds, [1, 2, 4, 8])
     for artifact in args.batch_cost:
         lines += batch_cost_part(artifact, args.cost_rounds, [2, 4], [1, 2, 4])
     write_results("speculation", lines, args.label)

@@ -165,18 +165,22 @@ class CheckCosts:
 
     Medians of recent steps: a shape's first pass builds its IO binding (and may grow the cache), and on a
     shared machine one preempted step can take 50 times the others. A running mean took such an outlier for the
-    cost of that k, best_k then never chose it again, so it was never measured again. Below MIN_SAMPLES a k is
-    not measured: best_k tries it unless the measured ks bound it. Medians are recomputed on each step, not on
-    each lookup.
+    cost of that k, best_k then never chose it again, so it was never measured again. A median can be caught the
+    same way while a k has few samples (its first checks build an IO binding and grow the cache), so a k's
+    samples are forgotten FORGET_AFTER steps after they were taken: a k left alone that long is tried again
+    (3 checks in 512 steps, under 1 % where it truly costs more). Below MIN_SAMPLES a k is not measured: best_k
+    tries it unless the measured ks bound it. Medians are recomputed on each step, not on each lookup.
     """
 
     WINDOW = 15
     MIN_SAMPLES = 3
+    FORGET_AFTER = 512
 
     def __init__(self):
         self._passes: deque[float] = deque(maxlen=self.WINDOW)
         self._steps: deque[float] = deque(maxlen=self.WINDOW)
-        self._checks: dict[int, deque[tuple[float, int]]] = {}
+        self._checks: dict[int, deque[tuple[int, float, int]]] = {}  # k -> (when, step seconds, tokens)
+        self._clock = 0  # steps observed
         self._plain: tuple[float, float] | None = None  # medians: (pass P, whole step W)
         self._fixed: dict[int, float] = {}  # k -> F_k, the median of (check step - tokens * e)
 
@@ -190,16 +194,27 @@ class CheckCosts:
         return max(step - pass_, 0.0)
 
     def observe_plain(self, pass_seconds: float, step_seconds: float) -> None:
+        self._tick()
         self._passes.append(pass_seconds)
         self._steps.append(max(step_seconds, pass_seconds))
         self._plain = statistics.median(self._passes), statistics.median(self._steps)
 
     def observe_check(self, k: int, step_seconds: float, tokens: int) -> None:
+        self._tick()
         samples = self._checks.setdefault(k, deque(maxlen=self.WINDOW))
-        samples.append((step_seconds, tokens))
+        samples.append((self._clock, step_seconds, tokens))
         if len(samples) >= self.MIN_SAMPLES and self._plain is not None:
             e = self._host_per_token
-            self._fixed[k] = statistics.median(step - n * e for step, n in samples)
+            self._fixed[k] = statistics.median(step - n * e for _, step, n in samples)
+
+    def _tick(self) -> None:
+        self._clock += 1
+        oldest = self._clock - self.FORGET_AFTER
+        for k, samples in self._checks.items():
+            while samples and samples[0][0] < oldest:
+                samples.popleft()
+            if len(samples) < self.MIN_SAMPLES:
+                self._fixed.pop(k, None)
 
     def relative(self, k: int, tokens: float) -> float | None:
         """A check of k yielding `tokens` tokens over one plain step: measured, else bounded by what is (a wider

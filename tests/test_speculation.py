@@ -121,7 +121,8 @@ def test_k_is_chosen_by_tokens_per_unit_of_step_time():
 
 def test_k_pays_for_the_host_work_per_check_not_for_the_tokens_it_wins():
     """A tiny model: a pass of 0.2 ms, 0.05 ms of host work per token. Each check adds 0.1 ms of its own host
-    work beside a pass 1.2x a plain one: at 30 % acceptance checking loses (passes alone: 1.39 tokens for 1.2 passes)."""
+    work beside a pass 1.2x a plain one: at 30 % acceptance checking loses (passes alone: 1.39 tokens for 1.2
+    passes)."""
     costs = CheckCosts()
     for _ in range(3):
         costs.observe_plain(0.20e-3, 0.25e-3)
@@ -148,6 +149,21 @@ def test_check_costs_shrug_off_one_preempted_step_and_bound_the_ks_not_measured(
     assert costs.relative(3, 1.0) == pytest.approx(1.2)  # one pass is not a measurement yet
 
 
+def test_a_k_left_unchosen_is_forgotten_and_tried_again():
+    """Slow first checks of k = 4 (a binding built, the cache grown) priced it out; best_k then never chose it and
+    it was never measured again. Its samples age out, and it is bounded by the narrower k measured since."""
+    costs = CheckCosts()
+    costs.observe_plain(1e-3, 1e-3)
+    for _ in range(3):
+        costs.observe_check(4, 5e-3, 1)
+        costs.observe_check(2, 1.1e-3, 1)
+    assert costs.relative(4, 1.0) == pytest.approx(5.0) and best_k(0.9, 4, costs.relative) == 3  # 3: not measured
+    for _ in range(CheckCosts.FORGET_AFTER - 3):
+        costs.observe_check(2, 1.1e-3, 1)
+    assert costs.relative(4, 1.0) == pytest.approx(1.1)  # forgotten: no dearer than k = 2 until measured again
+    assert best_k(0.9, 4, costs.relative) == 4
+
+
 def test_greedy_choices_are_the_per_position_draws_or_nothing():
     rng = np.random.default_rng(3)
     rows = rng.normal(size=(5, 40)).astype(np.float32)
@@ -156,7 +172,8 @@ def test_greedy_choices_are_the_per_position_draws_or_nothing():
     assert greedy_choices(rows, greedy).tolist() == one_by_one
     # whatever the history or a per-token choice changes goes through each position's processed scores
     for params in (SamplingParams(temperature=0, repetition_penalty=1.1), SamplingParams(temperature=0.7),
-                   SamplingParams(temperature=0, logit_bias=((3, 5.0),)), SamplingParams(temperature=0, top_logprobs=2)):
+                   SamplingParams(temperature=0, logit_bias=((3, 5.0),)),
+                   SamplingParams(temperature=0, top_logprobs=2)):
         assert greedy_choices(rows, params) is None
     rows[2, 7] = np.nan  # processed_scores maps it to the lowest score; argmax would pick it
     assert greedy_choices(rows, greedy) is None
