@@ -95,16 +95,18 @@ bench-int4-kernel: install
 	$(BIN)/python bench/int4_kernel.py --shape stories110m --label=-110m
 	$(BIN)/python bench/int4_kernel.py --shape llama2-7b --layers 3 --rounds 5 --steps 5 --label=-7b
 
-# What one step costs by prompt chunk, batch and cache capacity (README, continuous batching).
-# Prompt-lookup speculative decoding: acceptance and decode tok/s off vs ngram on stories260k (trained), and what
-# a step checking k tokens costs against one decode step at bench-110m size, fp32 and int4; bench/results/speculation-*.md.
+# Prompt-lookup speculative decoding: acceptance and decode tok/s off vs ngram (and off vs off: the noise) on
+# stories260k (trained), in the engine and through `llm-serve run`; what a step checking k tokens costs against one
+# decode step at bench-110m size, fp32 and int4; bench/results/speculation-*.md (~8 minutes once built).
 bench-speculate: bench-model
 	$(BIN)/llm-export build --model stories260k --out artifacts/stories260k
 	for q in fp32 int4; do $(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-$$q \
 	    --graph ort-fused $$( [ $$q = fp32 ] || echo --quant $$q ) || exit 1; done
 	$(BIN)/python bench/speculation.py --acceptance artifacts/stories260k \
-	    --cost artifacts/bench-110m-fused-fp32 artifacts/bench-110m-fused-int4 --batch-cost artifacts/bench-110m-fused-fp32
+	    --cost artifacts/bench-110m-fused-fp32 artifacts/bench-110m-fused-int4 --batch-cost artifacts/bench-110m-fused-fp32 \
+	    --served artifacts/stories260k artifacts/bench-110m-fused-fp32 artifacts/bench-110m-fused-int4
 
+# What one step costs by prompt chunk, batch and cache capacity (README, continuous batching).
 bench-step-costs: bench-model
 	$(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-fp32 --graph ort-fused
 	$(BIN)/python bench/step_costs.py artifacts/bench-110m-fused-fp32

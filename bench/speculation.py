@@ -13,6 +13,7 @@ text that does not, and what checking k tokens costs against one step at a real 
     (tokens per step) / (cost of that step relative to one decode step). Then (a) again on that artifact:
     random weights rarely repeat, so it shows what speculation costs where it does not pay, with the
     engine's own cost model (speculation.best_k) choosing k.
+(d) --served: the same prompts through `llm-serve run --speculate off|ngram`, as a client on this machine sees it.
 (c) --batch-cost: a check inside a batched step (batch - 1 rows decode, one row checks) against plain
     batched decode: whether speculation could pay within continuous batching.
 Writes bench/results/speculation-<date><label>.md.
@@ -191,11 +192,57 @@ def batch_cost_part(artifact: Path, rounds: int, batches: list[int], ks: list[in
     return [*lines, ""]
 
 
+def served_part(artifact: Path, rounds: int, new_tokens: int) -> list[str]:
+    """(d) As a user measures: `llm-serve run ARTIFACT --speculate off` and `--speculate ngram` (every other
+    option its default) side by side on loopback, and a streaming client on this machine sending each prompt to
+    one then the other (order alternating): decode tok/s as the client sees it, per-pair ratios. Greedy, so both
+    servers send the same text (tests/test_speculation_engine.py); the Workers AI route, raw prompts."""
+    import subprocess
+
+    from served_vs_engine import free_port, llmpack_request, wait_ready
+
+    ports = {mode: free_port() for mode in ("off", "ngram")}
+    command = str(Path(sys.executable).parent / "llm-serve")
+    servers = {mode: subprocess.Popen([command, "run", str(artifact), "--speculate", mode, "--port", str(port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for mode, port in ports.items()}
+    lines = [f"## (d) {artifact.name} served: `llm-serve run --speculate off|ngram`, a streaming client, greedy, "
+             f"{new_tokens} new tokens, {rounds} rounds alternating", "",
+             "| prompts | off decode tok/s | ngram decode tok/s | ngram / off: median pair (quartiles) |",
+             "|---|---|---|---|"]
+    try:
+        for mode, server in servers.items():
+            wait_ready(server, f"http://127.0.0.1:{ports[mode]}/ready")
+        for name, prompts in prompt_sets().items():
+            speeds, ratios = {"off": [], "ngram": []}, []
+            for round_ in range(rounds):
+                for prompt in prompts:
+                    pair = {mode: llmpack_request(f"http://127.0.0.1:{ports[mode]}", prompt, new_tokens)["decode"]
+                            for mode in (("off", "ngram") if round_ % 2 == 0 else ("ngram", "off"))}
+                    for mode, speed in pair.items():
+                        speeds[mode].append(speed)
+                    ratios.append(pair["ngram"] / pair["off"])
+            lines.append(f"| {name} | {statistics.median(speeds['off']):.0f} | "
+                         f"{statistics.median(speeds['ngram']):.0f} | **{spread(ratios)}** |")
+    finally:
+        for server in servers.values():
+            server.terminate()
+            server.wait(timeout=30)
+    return [*lines, ""]
+
+
+def larger_model_workload(args) -> tuple[int, int]:
+    """(rounds, new tokens) at bench-110m size: a third of the rounds, 128 tokens (a request takes ~2 s, not 70 ms)."""
+    return max(2, args.rounds // 3), 128
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--acceptance", type=Path, nargs="*", default=[],
                         help="Trained ort-fused artifacts (stories260k).")
     parser.add_argument("--cost", type=Path, nargs="*", default=[], help="ort-fused artifacts for (b), then (a).")
+    parser.add_argument("--served", type=Path, nargs="*", default=[],
+                        help="artifacts for (d): through `llm-serve run`, off vs ngram.")
     parser.add_argument("--step-cost", type=Path, nargs="*", default=[],
                         help="ort-fused artifacts for (b) alone (a 7B one: (a) there would take hours).")
     parser.add_argument("--rounds", type=int, default=12, help="(a)'s rounds; a third of them at bench-110m size.")
@@ -212,7 +259,10 @@ def main() -> None:
         lines += cost_part(artifact, args.cost_rounds, [1, 2, 4, 8])
         # the engine as served at that size: its own cost model decides how much to speculate (random weights:
         # what a model that rarely repeats costs with speculation on)
-        lines += acceptance_part(artifact, max(2, args.rounds // 3), 128)
+        lines += acceptance_part(artifact, *larger_model_workload(args))
+    for artifact in args.served:
+        workload = (args.rounds, args.new_tokens) if artifact in args.acceptance else larger_model_workload(args)
+        lines += served_part(artifact, *workload)
     for artifact in args.step_cost:
         lines += cost_part(artifact, args.cost_rounds, [1, 2, 4, 8])
     for artifact in args.batch_cost:

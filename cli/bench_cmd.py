@@ -15,7 +15,11 @@ import click
 from llmpack.cli import bench_workload as workload
 from llmpack.cli.common import translate_errors
 from llmpack.runtime.backends.mlas_layout import linear_weight_bytes
-from llmpack.runtime.engine import SPECULATION_MODES, EngineOptions
+from llmpack.runtime.engine import SPECULATION_MODES
+
+# `llm-serve bench` times the backend's own steps by default, as the peers (llama-bench, genai) are timed; the
+# engine's default (EngineOptions.speculate, ngram) needs the engine's loop, which --speculate ngram times.
+BENCH_SPECULATE = "off"
 
 
 def describe(manifest) -> str:
@@ -35,7 +39,7 @@ def describe(manifest) -> str:
               help="Move the loaded weights onto 2 MiB pages (what serving does).")
 @click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Time this text (a raw prompt, the artifact's tokenizer) instead of --prompt-tokens synthetic ids.")
-@click.option("--speculate", type=click.Choice(SPECULATION_MODES), default=EngineOptions.speculate, show_default=True,
+@click.option("--speculate", type=click.Choice(SPECULATION_MODES), default=BENCH_SPECULATE, show_default=True,
               help="ngram: time the engine's own loop with prompt-lookup speculation (off: the backend's steps "
                    "directly, as the peers are timed).")
 @click.option("--name", default=None, help="Label in the JSON line [default: llmpack FLAVOUR PRECISION].")

@@ -114,8 +114,9 @@ class BatchScheduler:
         # Speculative decoding (prompt lookup), at batch 1: a wider step pays only while it is memory-bound
         self.speculation = speculation_of(backend) if speculate else None
         if speculate and self.speculation is None:
-            log.warning("speculation off: the %s backend (or this artifact's graph, built before num_logits) cannot "
-                        "check several tokens in one step; rebuild the artifact to use it", backend.name)
+            # info, not a warning: ngram is the default, and the device backends cannot check yet (docs/speculation.md)
+            log.info("speculation off: the %s backend (or this artifact's graph, built before num_logits) cannot "
+                     "check several tokens in one step; a CPU backend on a rebuilt artifact can", backend.name)
         self.proposed = self.accepted = 0  # speculated tokens checked and kept, since the start (metrics)
         self.check_costs = CheckCosts()  # a check of k tokens against a batch-1 decode step, whole steps
         self._waiting: deque[SequenceState] = deque()

@@ -15,12 +15,12 @@ from pathlib import Path
 from llmpack.runtime.artifact import Artifact, open_artifact, open_backend
 from llmpack.runtime.backends.interface import Backend
 from llmpack.runtime.batch_scheduler import BatchScheduler
+from llmpack.runtime.chat_format import ChatFormat, load_chat_format, load_tokenizer
 from llmpack.runtime.generate import Completion, TextStream, TokenSink, TokenStream, complete
 from llmpack.runtime.manifest import DEFAULT_PREFILL_CHUNK, LLAMA2_CHAT
 from llmpack.runtime.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 from llmpack.runtime.request import GenerationRequest, check_prompt_length
 from llmpack.runtime.sampling import SamplingParams
-from llmpack.runtime.chat_format import ChatFormat, load_chat_format, load_tokenizer
 from llmpack.runtime.template import DEFAULT_SYSTEM_PROMPT
 from llmpack.runtime.tokenizer import TextTokenizer
 
@@ -50,9 +50,11 @@ class EngineOptions:
     # (and one less for the prompt). The serve wing passes the Workers AI spec's 3072 / 2500.
     context_limit: int | None = None
     input_limit: int | None = None
-    # "ngram": prompt-lookup speculative decoding (runtime/speculation.py), exact; at batch 1, on ort-fused
-    # artifacts. Off by default until the benchmark says where it pays.
-    speculate: str = "off"
+    # "ngram": prompt-lookup speculative decoding (runtime/speculation.py), exact; at batch 1, on both CPU graphs.
+    # On by default: in `make bench-speculate` (bench/results/speculation-2026-12-05-*.md) it gained 1.05-1.45x
+    # where text repeats, engine and served, and lost nothing beyond the run's own off-vs-off noise elsewhere
+    # (its cost model backs off where checks do not pay: int4 on 2 cores, text that never repeats).
+    speculate: str = "ngram"
 
 
 class Engine:
