@@ -66,8 +66,8 @@ def engine_options(f):
                           "decode step; ~1 s per GB at start-up).")(f)
     f = click.option("--speculate", type=click.Choice(SPECULATION_MODES), default=ENGINE.speculate, show_default=True,
                      **remember, help="ngram: prompt-lookup speculative decoding — tokens the text so far suggests "
-                     "are checked several per step; the answers are the same (exact for greedy and sampling). "
-                     "ort-fused artifacts, one sequence at a time.")(f)
+                     "are checked several per step where that pays; the answers are the same (exact for greedy and "
+                     "sampling). CPU backends, one sequence at a time; off: never.")(f)
     return f
 
 
