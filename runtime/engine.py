@@ -51,7 +51,7 @@ class EngineOptions:
     context_limit: int | None = None
     input_limit: int | None = None
     # "ngram": prompt-lookup speculative decoding (runtime/speculation.py), exact; at batch 1, on both CPU graphs.
-    # On by default: in `make bench-speculate` (bench/results/speculation-2026-12-05-*.md) it gained 1.05-1.45x
+    # On by default: in `make bench-speculate` (bench/results/speculation-2026-12-05-*.md) it gained 1.05-1.39x
     # where text repeats, engine and served, and lost nothing beyond the run's own off-vs-off noise elsewhere
     # (its cost model backs off where checks do not pay: int4 on 2 cores, text that never repeats).
     speculate: str = "ngram"
