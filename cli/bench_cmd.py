@@ -8,6 +8,7 @@ with the peers that `make bench` runs on the same prompt ids.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -15,7 +16,7 @@ import click
 from llmpack.cli import bench_workload as workload
 from llmpack.cli.common import translate_errors
 from llmpack.runtime.backends.mlas_layout import linear_weight_bytes
-from llmpack.runtime.engine import SPECULATION_MODES
+from llmpack.runtime.engine import MAX_PROPOSED_LIMIT, SPECULATION_MODES, EngineOptions
 
 # `llm-serve bench` times the backend's own steps by default, as the peers (llama-bench, genai) are timed; the
 # engine's default (EngineOptions.speculate, ngram) needs the engine's loop, which --speculate ngram times.
@@ -42,12 +43,15 @@ def describe(manifest) -> str:
 @click.option("--speculate", type=click.Choice(SPECULATION_MODES), default=BENCH_SPECULATE, show_default=True,
               help="ngram: time the engine's own loop with prompt-lookup speculation (off: the backend's steps "
                    "directly, as the peers are timed).")
+@click.option("--speculate-max", type=click.IntRange(1, MAX_PROPOSED_LIMIT), default=EngineOptions.speculate_max,
+              show_default=True, help="ngram: the most proposed tokens one step checks.")
 @click.option("--name", default=None, help="Label in the JSON line [default: llmpack FLAVOUR PRECISION].")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-results.jsonl"), show_default=True,
               help="JSON-lines file the record is appended to.")
 @translate_errors
 def bench(artifact: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup: int, threads: int | None,
-          huge_pages: bool, prompt_file: Path | None, speculate: str, name: str | None, out: Path) -> None:
+          huge_pages: bool, prompt_file: Path | None, speculate: str, speculate_max: int, name: str | None,
+          out: Path) -> None:
     """Measure TTFT, decode tokens/s (median and spread), peak RSS and size of ARTIFACT; print a JSON line."""
     from llmpack.runtime.artifact import open_artifact
     from llmpack.runtime.backends.ort_cpu import default_threads
@@ -59,28 +63,32 @@ def bench(artifact: Path, prompt_tokens: int, new_tokens: int, runs: int, warmup
         raise click.BadParameter(f"{len(prompt)} + {new_tokens} tokens exceed the artifact's context of "
                                  f"{manifest.max_context}", param_hint="--prompt-tokens/--prompt-file/--new-tokens")
     threads = threads or default_threads()
-    timings, backend_name, extra = _timed(opened, prompt, new_tokens, runs, warmup, threads, huge_pages, speculate)
+    timings, backend_name, extra = _timed(opened, prompt, new_tokens, runs, warmup, threads, huge_pages,
+                                         EngineOptions(speculate=speculate, speculate_max=speculate_max))
     prompt_tokens = len(prompt)
     line = workload.record(
         name or describe(manifest), timings, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads,
         artifact_bytes=sum(f.size for f in manifest.files), weight_bytes_per_token=linear_weight_bytes(manifest),
         packages=("llmpack", "onnxruntime", "numpy"), artifact=str(opened.path), backend=backend_name,
-        graph_flavour=manifest.graph_flavour, huge_pages=huge_pages, quant=manifest.quant.method if manifest.quant else "none",
-        speculate=speculate, prompt_file=str(prompt_file) if prompt_file else None, **extra)
+        graph_flavour=manifest.graph_flavour, huge_pages=huge_pages,
+        quant=manifest.quant.method if manifest.quant else "none", speculate=speculate,
+        speculate_max=speculate_max if speculate != "off" else None,
+        prompt_file=str(prompt_file) if prompt_file else None, **extra)
     sys.stdout.write(workload.emit(line, str(out)) + "\n")
 
 
 def _timed(opened, prompt: list[int], new_tokens: int, runs: int, warmup: int, threads: int, huge_pages: bool,
-           speculate: str) -> tuple[dict, str, dict]:
+           speculation: EngineOptions) -> tuple[dict, str, dict]:
     """(timings, backend name, extra record fields): the backend's own steps, or with speculation the engine's loop."""
     from llmpack.runtime.artifact import open_backend
-    from llmpack.runtime.engine import Engine, EngineOptions
+    from llmpack.runtime.engine import Engine
 
-    if speculate == "off":
+    if speculation.speculate == "off":
         backend = open_backend(opened, "cpu", threads=threads, max_batch=1, huge_pages=huge_pages)
         return workload.run_backend(backend, prompt, new_tokens, runs, warmup), backend.name, {}
-    engine = Engine.load(opened.path, EngineOptions(backend="cpu", threads=threads, max_batch=1, speculate=speculate,
-                                                    prefix_cache_mb=0, huge_pages=huge_pages, verify_checksums=False))
+    options = replace(speculation, backend="cpu", threads=threads, max_batch=1, prefix_cache_mb=0,
+                      huge_pages=huge_pages, verify_checksums=False)
+    engine = Engine.load(opened.path, options)
     try:
         timings = workload.run_engine(engine, prompt, new_tokens, runs, warmup)
     finally:

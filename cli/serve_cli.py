@@ -11,7 +11,7 @@ import click
 from llmpack.cli.bench_cmd import bench
 from llmpack.cli.common import defaults_of, setup_logging, translate_errors
 from llmpack.runtime.artifact import BACKENDS
-from llmpack.runtime.engine import SPECULATION_MODES, EngineOptions
+from llmpack.runtime.engine import MAX_PROPOSED_LIMIT, SPECULATION_MODES, EngineOptions
 from llmpack.runtime.errors import InvalidRequest
 from llmpack.runtime.serve.settings import DEFAULT_HOST, DEFAULT_PORT, ConnectionLimits, ServerSettings
 
@@ -68,6 +68,9 @@ def engine_options(f):
                      **remember, help="ngram: prompt-lookup speculative decoding — tokens the text so far suggests "
                      "are checked several per step where that pays; the answers are the same (exact for greedy and "
                      "sampling). CPU backends, one sequence at a time; off: never.")(f)
+    f = click.option("--speculate-max", type=click.IntRange(1, MAX_PROPOSED_LIMIT), default=ENGINE.speculate_max,
+                     show_default=True, **remember, help="ngram: the most proposed tokens one step checks; how many it "
+                     "does check follows the text's acceptance and the measured cost of a wider step.")(f)
     return f
 
 

@@ -101,7 +101,7 @@ def smoothed(average: float | None, value: float, smoothing: float = PrefillPace
 
 class BatchScheduler:
     def __init__(self, backend: Backend, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefix_cache: PrefixCache | None = None, context_limit: int | None = None, speculate: bool = False):
+                 prefix_cache: PrefixCache | None = None, context_limit: int | None = None, max_proposed: int = 0):
         self.backend = backend
         # A sequence's prompt + answer never pass this (the backend's capacity, or less when asked)
         self.context_limit = min(context_limit or backend.context_length, backend.context_length)
@@ -111,9 +111,11 @@ class BatchScheduler:
         self.copies = kv_copies_of(backend)
         self.prefix_cache = prefix_cache if self.copies is not None else None
         self.pacer = PrefillPacer(prefill_chunk, mixed=self.mixing)
-        # Speculative decoding (prompt lookup), at batch 1: a wider step pays only while it is memory-bound
-        self.speculation = speculation_of(backend) if speculate else None
-        if speculate and self.speculation is None:
+        # Speculative decoding (prompt lookup), at batch 1, up to max_proposed tokens a step (0: off): a wider step
+        # pays only while it is memory-bound
+        self.max_proposed = max_proposed
+        self.speculation = speculation_of(backend) if max_proposed > 0 else None
+        if max_proposed > 0 and self.speculation is None:
             # info, not a warning: ngram is the default, and the device backends cannot check yet (docs/speculation.md)
             log.info("speculation off: the %s backend (or this artifact's graph, built before num_logits) cannot "
                      "check several tokens in one step; a CPU backend on a rebuilt artifact can", backend.name)
@@ -140,7 +142,7 @@ class BatchScheduler:
         """Queue the sequence of `sink.prompt_ids`; its tokens go to `sink` from the batch thread."""
         state = SequenceState(sink, max_tokens, sampling, stop_ids, self.backend.vocab_size, self.context_limit)
         if self.speculation is not None:
-            state.speculate()
+            state.speculate(self.max_proposed)
         sink.on_cancel = self._wake
         with self._cond:
             if self._stopping:

@@ -21,12 +21,14 @@ from llmpack.runtime.manifest import DEFAULT_PREFILL_CHUNK, LLAMA2_CHAT
 from llmpack.runtime.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 from llmpack.runtime.request import GenerationRequest, check_prompt_length
 from llmpack.runtime.sampling import SamplingParams
+from llmpack.runtime.speculation import DEFAULT_MAX_PROPOSED
 from llmpack.runtime.template import DEFAULT_SYSTEM_PROMPT
 from llmpack.runtime.tokenizer import TextTokenizer
 
 log = logging.getLogger("llmpack.runtime")
 
 SPECULATION_MODES = ("off", "ngram")
+MAX_PROPOSED_LIMIT = 16  # --speculate-max: a 17-fed check costs several decode steps on every backend measured
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class EngineOptions:
     # where text repeats, engine and served, and lost nothing beyond the run's own off-vs-off noise elsewhere
     # (its cost model backs off where checks do not pay: int4 on 2 cores, text that never repeats).
     speculate: str = "ngram"
+    # ngram: the most proposed tokens one step checks; the cost model chooses how many, up to this
+    speculate_max: int = DEFAULT_MAX_PROPOSED
 
 
 class Engine:
@@ -71,8 +75,10 @@ class Engine:
         cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
         if options.speculate not in SPECULATION_MODES:
             raise ValueError(f"speculate={options.speculate!r}; choose one of {', '.join(SPECULATION_MODES)}")
+        if not 1 <= options.speculate_max <= MAX_PROPOSED_LIMIT:
+            raise ValueError(f"speculate_max={options.speculate_max}; choose 1 to {MAX_PROPOSED_LIMIT}")
         self.scheduler = BatchScheduler(backend, options.prefill_chunk, cache, options.context_limit,
-                                        speculate=options.speculate == "ngram")
+                                        max_proposed=options.speculate_max if options.speculate == "ngram" else 0)
         self.context_limit = self.scheduler.context_limit  # at most what the backend holds
         self.input_limit = min(options.input_limit or self.context_limit, self.context_limit - 1)
         if self.prefix_cache is not None:  # in tokens, what the megabytes mean for this model

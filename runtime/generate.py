@@ -134,8 +134,9 @@ class SequenceState:
         self.proposer: NgramProposer | None = None
         self.proposal_length: ProposalLength | None = None
 
-    def speculate(self) -> None:
-        self.proposer, self.proposal_length = NgramProposer().extend(self.prompt_ids), ProposalLength()
+    def speculate(self, max_proposed: int) -> None:
+        self.proposer = NgramProposer().extend(self.prompt_ids)
+        self.proposal_length = ProposalLength(k_max=max_proposed)
 
     def proposal(self, relative_cost: Callable[[int, float], float | None]) -> list[int]:
         """Tokens worth checking in the next step ([]: decode as usual); never past the budget, and only as

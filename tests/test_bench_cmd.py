@@ -43,12 +43,14 @@ def test_bench_times_a_prompt_file_through_the_engine_with_speculation(fused_sto
     text = "Lily had a red ball. Lily liked the red ball. One day Lily lost the red ball. Lily"
     (tmp_path / "prompt.txt").write_text(text)
     result = CliRunner().invoke(bench, [str(fused_stories), "--prompt-file", str(tmp_path / "prompt.txt"),
-                                        "--speculate", "ngram", "--new-tokens", "60", "--runs", "2", "--threads", "1",
+                                        "--speculate", "ngram", "--speculate-max", "2", "--new-tokens", "60",
+                                        "--runs", "2", "--threads", "1",
                                         "--out", str(tmp_path / "b.jsonl")])
     assert result.exit_code == 0, result.output
     line = json.loads(result.output.strip().splitlines()[-1])
     ids = load_tokenizer(open_artifact(fused_stories)).raw_prompt_ids(text)
     assert line["prompt_tokens"] == len(ids) and line["speculate"] == "ngram" and line["new_tokens"] == 60
+    assert line["speculate_max"] == 2
     assert line["speculated"] >= line["speculated_accepted"] >= 0 and line["decode_tps"]["median"] > 0
 
 

@@ -73,3 +73,24 @@ def test_tokenize_prints_the_fed_ids(demo_artifact):
 def test_missing_artifact_is_a_clear_error(tmp_path):
     result = _invoke("infer", tmp_path / "nope", '{"prompt": "hi"}')
     assert result.exit_code == 3 and "llm-export build" in result.stderr
+
+
+def test_speculation_options_reach_the_engine(demo_artifact, monkeypatch):
+    """--speculate / --speculate-max on infer (the same option group as run) land in the EngineOptions the
+    engine is loaded with; the defaults are EngineOptions' own (ngram, 4)."""
+    from llmpack.runtime.engine import EngineOptions
+
+    seen = []
+
+    def refuse(artifact, options, *args, **kwargs):
+        seen.append(options)
+        raise RuntimeError("not loading")
+
+    monkeypatch.setattr(Engine, "load", staticmethod(refuse))
+    request = '{"prompt": "hi", "raw": true, "max_tokens": 2}'
+    _invoke("infer", str(demo_artifact), request)
+    _invoke("infer", str(demo_artifact), request, "--speculate", "off", "--speculate-max", "7")
+    assert [(o.speculate, o.speculate_max) for o in seen] == [
+        (EngineOptions.speculate, EngineOptions.speculate_max), ("off", 7)]
+    assert (EngineOptions.speculate, EngineOptions.speculate_max) == ("ngram", 4)
+    assert _invoke("infer", str(demo_artifact), request, "--speculate-max", "17").exit_code == 2

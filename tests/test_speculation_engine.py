@@ -213,7 +213,7 @@ def test_streamed_text_with_speculation_splits_no_character(stories_tokenizer):
     assert len(set(cycle)) == len(cycle) >= 5  # distinct byte tokens: the next one follows from the last alone
     pieces = {}
     for speculate in (False, True):
-        scheduler = BatchScheduler(CycleBackend(cycle, 512), speculate=speculate)
+        scheduler = BatchScheduler(CycleBackend(cycle, 512), max_proposed=4 if speculate else 0)
         scheduler._relative_check_cost = lambda k, tokens: 1.0
         try:
             tokens = TokenStream([1, *cycle, *cycle])
@@ -234,7 +234,7 @@ def test_sampled_answers_follow_the_same_distribution_with_and_without_speculati
 
     counts: dict[bool, dict[tuple, int]] = {False: {}, True: {}}
     for speculate in counts:
-        scheduler = BatchScheduler(MarkovBackend(), speculate=speculate)
+        scheduler = BatchScheduler(MarkovBackend(), max_proposed=4 if speculate else 0)
         scheduler._relative_check_cost = lambda k, tokens: 1.0  # which steps speculate: the text's choice, not timing's
         try:
             for seed in range(1, 1501):
@@ -264,7 +264,7 @@ def test_speculation_stops_where_the_measured_check_costs_more_than_it_saves():
     expected = TokenStream(prompt)
     plain = BatchScheduler(MarkovBackend())
     plain.submit(expected, 60, greedy, stop_ids=[])
-    slow = BatchScheduler(MarkovBackend(score_seconds=0.02), speculate=True)
+    slow = BatchScheduler(MarkovBackend(score_seconds=0.02), max_proposed=4)
     try:
         answer = TokenStream(prompt)
         slow.submit(answer, 60, greedy, stop_ids=[])
@@ -301,3 +301,39 @@ def test_the_server_speculates_on_request_and_counts_it_on_metrics(fused_stories
     proposed = next(float(line.split()[-1]) for line in metrics.splitlines()
                     if line.startswith("llmpack_speculated_tokens_total "))
     assert proposed > 0
+
+
+class RecordingCycleBackend(CycleBackend):
+    """A CycleBackend that records how many tokens each check fed."""
+
+    def __init__(self, cycle: list[int], vocab_size: int):
+        super().__init__(cycle, vocab_size)
+        self.fed: list[int] = []
+
+    def score(self, slot, ids):
+        self.fed.append(len(ids))
+        return super().score(slot, ids)
+
+
+@pytest.mark.parametrize("max_proposed", [1, 2, 8])
+def test_speculate_max_bounds_every_check_and_the_answer_does_not_move(max_proposed):
+    """--speculate-max: a text that repeats would take as many as allowed; no check feeds more than the pending
+    token and max_proposed proposals, the widest allowed is used, and the answer is plain decoding's."""
+    from llmpack.runtime.batch_scheduler import BatchScheduler
+    from llmpack.runtime.generate import TokenStream
+
+    cycle = [3, 7, 11, 5, 9, 13, 4, 8, 12, 6, 10, 14]  # longer than any check: the lookup can offer 11
+    answers = {}
+    for proposed in (0, max_proposed):
+        backend = RecordingCycleBackend(cycle, 16)
+        scheduler = BatchScheduler(backend, max_proposed=proposed)
+        scheduler._relative_check_cost = lambda k, tokens: 1.0  # every k costs a plain step: the widest wins
+        try:
+            tokens = TokenStream([1, *cycle, *cycle])
+            scheduler.submit(tokens, 60, SamplingParams(temperature=0), stop_ids=[])
+            answers[proposed] = list(tokens)
+        finally:
+            scheduler.close()
+        if proposed:
+            assert backend.fed and max(backend.fed) == max_proposed + 1
+    assert answers[max_proposed] == answers[0] and len(answers[0]) == 60
