@@ -97,7 +97,7 @@ bench-int4-kernel: install
 
 # Prompt-lookup speculative decoding: acceptance and decode tok/s off vs ngram (and off vs off: the noise) on
 # stories260k (trained), in the engine and through `llm-serve run`; what a step checking k tokens costs against one
-# decode step at bench-110m size, fp32 and int4; bench/results/speculation-*.md (~8 minutes once built).
+# decode step at bench-110m size, fp32 and int4; bench/results/speculation-*.md (~10 minutes once built).
 bench-speculate: bench-model
 	$(BIN)/llm-export build --model stories260k --out artifacts/stories260k
 	for q in fp32 int4; do $(BIN)/llm-export build --model $(SRC_110M) --out artifacts/bench-110m-fused-$$q \

@@ -24,7 +24,7 @@ from llmpack.runtime.generate import FINISH_CANCELLED, FINISH_ERROR, SequenceSta
 from llmpack.runtime.manifest import DEFAULT_PREFILL_CHUNK
 from llmpack.runtime.prefix_cache import PrefixCache
 from llmpack.runtime.sampling import SamplingParams
-from llmpack.runtime.speculation import CheckCosts
+from llmpack.runtime.speculation import AcceptancePrior, CheckCosts
 
 log = logging.getLogger("llmpack.runtime")
 
@@ -114,6 +114,7 @@ class BatchScheduler:
         # Speculative decoding (prompt lookup), at batch 1, up to max_proposed tokens a step (0: off): a wider step
         # pays only while it is memory-bound
         self.max_proposed = max_proposed
+        self.acceptance = AcceptancePrior()  # where each new sequence's acceptance estimate starts
         self.speculation = speculation_of(backend) if max_proposed > 0 else None
         if max_proposed > 0 and self.speculation is None:
             # info, not a warning: ngram is the default, and the device backends cannot check yet (docs/speculation.md)
@@ -142,7 +143,7 @@ class BatchScheduler:
         """Queue the sequence of `sink.prompt_ids`; its tokens go to `sink` from the batch thread."""
         state = SequenceState(sink, max_tokens, sampling, stop_ids, self.backend.vocab_size, self.context_limit)
         if self.speculation is not None:
-            state.speculate(self.max_proposed)
+            state.speculate(self.max_proposed, self.acceptance.rate)
         sink.on_cancel = self._wake
         with self._cond:
             if self._stopping:
@@ -291,6 +292,7 @@ class BatchScheduler:
         # work (pass, lookup, truncate) and each token what handing it out costs after a plain step too.
         self.check_costs.observe_check(len(proposal), time.perf_counter() - step_started, state.generated - emitted)
         state.proposal_length.update(len(proposal), accepted)
+        self.acceptance.update(len(proposal), accepted)
         self.proposed, self.accepted = self.proposed + len(proposal), self.accepted + accepted
         return True
 

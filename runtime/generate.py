@@ -134,9 +134,10 @@ class SequenceState:
         self.proposer: NgramProposer | None = None
         self.proposal_length: ProposalLength | None = None
 
-    def speculate(self, max_proposed: int) -> None:
+    def speculate(self, max_proposed: int, rate: float) -> None:
+        """Propose up to max_proposed tokens a step, starting from this estimate of the acceptance rate."""
         self.proposer = NgramProposer().extend(self.prompt_ids)
-        self.proposal_length = ProposalLength(k_max=max_proposed)
+        self.proposal_length = ProposalLength(k_max=max_proposed, rate=rate)
 
     def proposal(self, relative_cost: Callable[[int, float], float | None]) -> list[int]:
         """Tokens worth checking in the next step ([]: decode as usual); never past the budget, and only as

@@ -10,6 +10,7 @@ import pytest
 
 from llmpack.runtime.sampling import SamplingParams, candidate_weights
 from llmpack.runtime.speculation import (
+    AcceptancePrior,
     CheckCosts,
     NgramProposer,
     ProposalLength,
@@ -192,3 +193,21 @@ def test_proposal_length_estimates_the_per_position_rate_and_pauses_when_nothing
     length.update(2, 0)  # two proposals in a row gained nothing: pause
     assert [length.next_k() for _ in range(4)] == [0, 0, 0, 4]
     assert length.rate < 0.5  # the misses pulled the acceptance rate down
+
+
+def test_new_sequences_start_from_the_engines_recent_acceptance_within_bounds():
+    """Checks that keep failing pull the next sequences' starting estimate down to the floor (an int4 check of 1
+    proposal, 1.35 steps, is then not probed: 1.35 tokens for 1.35 steps), never below; accepted ones raise it
+    back, never above the first sequence's start."""
+    prior = AcceptancePrior()
+    assert prior.rate == ProposalLength().rate == AcceptancePrior.START
+    for _ in range(200):
+        prior.update(2, 0)
+    assert prior.rate == AcceptancePrior.FLOOR
+    assert best_k(prior.rate, 4, lambda k, t: {1: 1.35, 2: 1.76, 3: 2.1, 4: 2.46}[k]) == 0
+    assert best_k(prior.rate, 4, lambda k, t: {1: 1.05, 2: 1.07, 3: 1.1, 4: 1.15}[k]) > 0  # cheap: still probed
+    prior.update(3, 1)
+    assert AcceptancePrior.FLOOR < prior.rate < AcceptancePrior.START
+    for _ in range(200):
+        prior.update(4, 4)
+    assert prior.rate == AcceptancePrior.START

@@ -337,3 +337,26 @@ def test_speculate_max_bounds_every_check_and_the_answer_does_not_move(max_propo
         if proposed:
             assert backend.fed and max(backend.fed) == max_proposed + 1
     assert answers[max_proposed] == answers[0] and len(answers[0]) == 60
+
+
+def test_a_new_sequence_starts_from_the_schedulers_acceptance(monkeypatch):
+    """The scheduler hands each new sequence the acceptance its checks have seen lately (AcceptancePrior)."""
+    from llmpack.runtime.batch_scheduler import BatchScheduler
+    from llmpack.runtime.generate import SequenceState, TokenStream
+
+    seen, speculate = [], SequenceState.speculate
+
+    def recorded(self, max_proposed, rate):
+        seen.append((max_proposed, rate))
+        speculate(self, max_proposed, rate)
+
+    monkeypatch.setattr(SequenceState, "speculate", recorded)
+    scheduler = BatchScheduler(MarkovBackend(), max_proposed=3)
+    try:
+        scheduler.acceptance.rate = 0.42
+        tokens = TokenStream([1, 2, 3])
+        scheduler.submit(tokens, 8, SamplingParams(temperature=0), stop_ids=[])
+        assert len(list(tokens)) == 8
+    finally:
+        scheduler.close()
+    assert seen == [(3, 0.42)]
