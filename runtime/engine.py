@@ -28,7 +28,7 @@ from llmpack.runtime.tokenizer import TextTokenizer
 log = logging.getLogger("llmpack.runtime")
 
 SPECULATION_MODES = ("off", "ngram")
-MAX_PROPOSED_LIMIT = 16  # --speculate-max: a 17-fed check costs several decode steps on every backend measured
+MAX_PROPOSED_LIMIT = 16  # --speculate-max: a 9-fed check already costs 1.5-4.4 decode steps on every backend measured
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ class EngineOptions:
     context_limit: int | None = None
     input_limit: int | None = None
     # "ngram": prompt-lookup speculative decoding (runtime/speculation.py), exact; at batch 1, on both CPU graphs.
-    # On by default: in `make bench-speculate` (bench/results/speculation-2026-12-05-*.md) it gained 1.05-1.39x
-    # where text repeats, engine and served, and lost nothing beyond the run's own off-vs-off noise elsewhere
+    # On by default: in `make bench-speculate` (bench/results/speculation-2026-12-05-prior.md) it gained up to 1.47x
+    # served where text repeats (stories260k) and stayed within 3 % and the run's own off-vs-off noise elsewhere
     # (its cost model backs off where checks do not pay: int4 on 2 cores, text that never repeats).
     speculate: str = "ngram"
     # ngram: the most proposed tokens one step checks; the cost model chooses how many, up to this

@@ -25,7 +25,7 @@ import numpy as np
 from llmpack.runtime.sampling import SamplingParams, sample_from_scores
 
 # The most proposed tokens one step checks (`--speculate-max`); the cost model picks k up to it per step. 4: at
-# bench-110m fp32 a 5-fed check costs 1.15-1.32 decode steps, a 9-fed one 1.48-1.75 (bench/results/speculation-*).
+# bench-110m fp32 a 5-fed check costs 1.15-1.32 decode steps, a 9-fed one 1.46-1.75 (bench/results/speculation-*).
 DEFAULT_MAX_PROPOSED = 4
 
 
